@@ -1,0 +1,138 @@
+"""The `kdcache` command: one subcommand per stage, `run` for the whole chain, and store tools."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import Config, load_config, save_config
+from pipeline.errors import KdcacheError
+
+DEBUG = {"on": False}
+
+
+def config_options(f):
+    """-c/--config FILE, -s/--set section.field=value (repeatable), --run-dir DIR."""
+    @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                  help="YAML config file (defaults apply to everything it leaves out).")
+    @click.option("-s", "--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+                  help="Override one config field, e.g. -s train.lr=1e-4 (repeatable).")
+    @click.option("--run-dir", default=None, help="Run folder for all stage outputs (default runs/default).")
+    @functools.wraps(f)
+    def wrapper(config_path, overrides, run_dir, **kwargs):
+        overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
+        cfg = load_config(config_path, overrides)
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        return f(cfg, **kwargs)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool):
+    """kdcache: run the teacher once, cache its sparse signal, train students from the cache."""
+    DEBUG["on"] = debug
+
+
+@cli.command()
+@config_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing token store built from other inputs.")
+def prepare(cfg: Config, overwrite: bool):
+    """Tokenise the dataset into a token store (RUN/tokens)."""
+    from stages import prepare as stage
+
+    stage.run(cfg, overwrite=overwrite)
+
+
+@cli.command()
+@config_options
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="dask scheduler address (tcp://host:port), 'local' (LocalCluster) or 'sync' (in-process).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing signal store built from other inputs.")
+def precompute(cfg: Config, scheduler: str | None, overwrite: bool):
+    """Run the teacher once and cache its top-k signal (RUN/signals/teacher)."""
+    from stages import precompute as stage
+
+    stage.run(cfg, scheduler=scheduler, overwrite=overwrite)
+
+
+@cli.command()
+@config_options
+@click.option("--loss", default=None, help="Objective, e.g. kl, ce (shorthand for -s train.loss=...).")
+@click.option("--no-resume", is_flag=True, help="Start from step 0 even if checkpoints exist.")
+def train(cfg: Config, loss: str | None, no_resume: bool):
+    """Train the student from the cached signal (RUN/student); resumes from the last checkpoint."""
+    from stages import train as stage
+
+    if loss is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=loss))
+    stage.run(cfg, resume=not no_resume)
+
+
+@cli.command()
+@config_options
+def evaluate(cfg: Config):
+    """Compare trained and untrained student with the teacher on held-out data (RUN/eval)."""
+    from stages import evaluate as stage
+
+    stage.run(cfg)
+
+
+@cli.command()
+@config_options
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler for precompute.")
+def run(cfg: Config, scheduler: str | None):
+    """The whole chain: prepare -> precompute -> train -> evaluate (each resumes or skips finished work)."""
+    from stages import evaluate, precompute, prepare, train
+
+    prepare.run(cfg)
+    precompute.run(cfg, scheduler=scheduler)
+    train.run(cfg)
+    evaluate.run(cfg)
+
+
+@cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(store: str, as_json: bool):
+    """Describe a token or signal store: kind, sizes, bytes per token, teacher mass covered."""
+    from stages.inspect import describe
+
+    info = describe(Path(store))
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+    else:
+        for key, value in info.items():
+            click.echo(f"{key:>22}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
+    from storage.errors import StoreError
+
+    try:
+        cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+    except (KdcacheError, StoreError) as e:
+        if DEBUG["on"]:
+            raise
+        click.echo(f"kdcache: error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("kdcache: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("kdcache: interrupted (finished shards and checkpoints are kept; rerun to resume)", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

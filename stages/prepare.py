@@ -1,0 +1,243 @@
+"""prepare: tokenise a dataset once into a token store.
+
+Plain text is packed: documents are concatenated with an EOS separator and cut into seq_len sequences (no
+cross-document attention masking; the last partial sequence is right-padded). Instruction data (instruction/
+context/response fields or chat `messages`) goes through the tokenizer's chat template, one record per sequence,
+right-padded, with the loss mask on response tokens only. Documents/records are split into train/validation by a
+seeded shuffle, so validation text is never seen in training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, PrepareConfig
+from pipeline.errors import KdcacheError
+from stages.models import load_tokenizer, tokenizer_fingerprint
+from storage import Manifest, Store, make_layout
+from storage.codecs import id_dtype
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+def load_records(cfg: PrepareConfig) -> list[dict]:
+    """The dataset as a list of dicts: the default corpus, a local file, or a hub dataset."""
+    if cfg.dataset == "default":
+        import pydoc_data.topics
+
+        return [{"text": text, "id": name} for name, text in sorted(pydoc_data.topics.topics.items())]
+    import datasets
+
+    path = Path(cfg.dataset).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_FORMATS or path.exists():
+        if not path.is_file():
+            raise KdcacheError(f"data file {path} does not exist")
+        if suffix not in LOCAL_FORMATS:
+            raise KdcacheError(f"data file {path} has an unsupported type: use {', '.join(LOCAL_FORMATS)}")
+        kwargs = {"sample_by": "paragraph"} if suffix == ".txt" else {}
+        try:
+            ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # datasets wraps parse errors in many types
+            raise KdcacheError(f"cannot read {path}: {_first_line(e)}") from e
+    else:
+        try:
+            ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
+        except Exception as e:
+            raise KdcacheError(f"cannot load dataset {cfg.dataset!r} (not a local file; hub lookup failed: "
+                               f"{_first_line(e)})") from e
+    return [dict(r) for r in ds]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def detect_format(records: list[dict], cfg: PrepareConfig) -> str:
+    if not records:
+        raise KdcacheError(f"dataset {cfg.dataset!r} is empty: it has no records")
+    first = records[0]
+    if cfg.format != "auto":
+        return cfg.format
+    if "messages" in first or ("instruction" in first and "response" in first):
+        return "instruction"
+    if cfg.text_field in first:
+        return "text"
+    raise KdcacheError(f"record 0 has fields {sorted(first)}: expected '{cfg.text_field}' (text), "
+                       "'instruction'+'response' or 'messages' (instruction data); set prepare.text_field or prepare.format")
+
+
+def to_messages(record: dict, index: int) -> list[dict]:
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in messages):
+            raise KdcacheError(f"record {index}: 'messages' must be a list of {{role, content}} objects")
+        return messages
+    missing = [f for f in ("instruction", "response") if not isinstance(record.get(f), str)]
+    if missing:
+        present = sorted(k for k, v in record.items() if v is not None)
+        raise KdcacheError(f"record {index} lacks text field(s) {missing} (has {present}): "
+                           "instruction data needs 'instruction' and 'response'")
+    prompt = record["instruction"]
+    if record.get("context"):
+        prompt += "\n\n" + str(record["context"])
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["response"]}]
+
+
+# ---- tokenisation --------------------------------------------------------------------------------------
+
+def pack_documents(docs: list[str], tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents, each followed by EOS, and cut into (n, seq_len) rows; pad the last with mask 0."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+    n = -(-len(stream) // seq_len)
+    ids = np.full((n, seq_len), pad_id(tokenizer), dtype=np.int64)
+    mask = np.zeros((n, seq_len), dtype=np.uint8)
+    flat_ids, flat_mask = ids.reshape(-1), mask.reshape(-1)
+    flat_ids[:len(stream)] = stream
+    flat_mask[:len(stream)] = 1
+    return ids, mask
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def chat_tokens(messages: list[dict], tokenizer, index: int) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a mask that is 1 on the assistant turns (their content and end token).
+
+    The rendered text is cut at each assistant turn's start and end (found by rendering the conversation prefix
+    with and without the generation prompt) and each piece is tokenised on its own, so the mask is exact.
+    """
+    if tokenizer.chat_template is None:
+        raise KdcacheError("the tokenizer has no chat template: instruction data needs one (or use prepare.format=text)")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    cuts = [(0, False)]
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        end = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (full.startswith(start) and full.startswith(end)):
+            raise KdcacheError(f"record {index}: the chat template does not render conversations prefix by prefix; "
+                               "response-only masks cannot be derived")
+        cuts += [(len(start), True), (len(end), False)]
+    if not any(is_response for _, is_response in cuts):
+        raise KdcacheError(f"record {index} has no assistant message: nothing to learn from it")
+    ids, mask = [], []
+    bounds = cuts + [(len(full), False)]
+    for (a, is_response), (b, _) in zip(bounds, bounds[1:]):
+        piece = tokenizer(full[a:b], add_special_tokens=False)["input_ids"] if b > a else []
+        ids += piece
+        mask += [int(is_response)] * len(piece)
+    return ids, mask
+
+
+def tokenize_instructions(records: list[tuple[int, dict]], tokenizer, cfg: PrepareConfig,
+                          stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(original index, record) pairs -> (n, seq_len) ids and response-only loss masks, right-padded."""
+    rows_ids, rows_mask = [], []
+    for index, record in records:
+        ids, mask = chat_tokens(to_messages(record, index), tokenizer, index)
+        if len(ids) > cfg.seq_len:
+            if cfg.truncation == "drop":
+                stats["dropped_too_long"] += 1
+                continue
+            ids, mask = ids[:cfg.seq_len], mask[:cfg.seq_len]
+            stats["truncated"] += 1
+        if sum(mask[1:]) == 0:  # the response was cut away entirely
+            stats["dropped_no_response"] += 1
+            continue
+        pad = cfg.seq_len - len(ids)
+        rows_ids.append(ids + [pad_id(tokenizer)] * pad)
+        rows_mask.append(mask + [0] * pad)
+    if not rows_ids:
+        return np.zeros((0, cfg.seq_len), np.int64), np.zeros((0, cfg.seq_len), np.uint8)
+    return np.asarray(rows_ids, dtype=np.int64), np.asarray(rows_mask, dtype=np.uint8)
+
+
+def dataset_fingerprint(records: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(json.dumps(r, sort_keys=True, default=str).encode())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+def run(cfg: Config, overwrite: bool = False) -> Store:
+    pc = cfg.prepare
+    tokenizer_spec = cfg.precompute.teacher if pc.tokenizer == "teacher" else pc.tokenizer
+    tokenizer = load_tokenizer(tokenizer_spec)
+    records = load_records(pc)
+    fmt = detect_format(records, pc)
+    if len(records) < 2:
+        raise KdcacheError(f"dataset {pc.dataset!r} has {len(records)} record(s): at least 2 are needed "
+                           "for a train/validation split")
+
+    order = list(range(len(records)))
+    random.Random(pc.seed).shuffle(order)
+    n_val = min(len(records) - 1, max(1, round(pc.validation_fraction * len(records))))
+    # (original index, record), so errors name the record as the user numbers it
+    split_records = {"train": [(i, records[i]) for i in order[n_val:]],
+                     "validation": [(i, records[i]) for i in order[:n_val]]}
+
+    stats = {"records": len(records), "truncated": 0, "dropped_too_long": 0, "dropped_no_response": 0}
+    arrays = {}
+    for split, recs in split_records.items():
+        if fmt == "text":
+            bad = next(((i, r) for i, r in recs if not isinstance(r.get(pc.text_field), str)), None)
+            if bad is not None:
+                raise KdcacheError(f"record {bad[0]} has no text field '{pc.text_field}' (fields: "
+                                   f"{sorted(k for k, v in bad[1].items() if v is not None)}): set prepare.text_field")
+            docs = [r[pc.text_field] for _, r in recs if r[pc.text_field].strip()]
+            ids, mask = pack_documents(docs, tokenizer, pc.seq_len)
+        else:
+            ids, mask = tokenize_instructions(recs, tokenizer, pc, stats)
+        limit = pc.max_train_sequences if split == "train" else pc.max_validation_sequences
+        if limit is not None:
+            ids, mask = ids[:limit], mask[:limit]
+        if len(ids) == 0:
+            raise KdcacheError(f"the {split} split is empty after tokenisation ({stats}): "
+                               "use more data, a larger seq_len or prepare.truncation=right")
+        arrays[split] = (ids, mask)
+
+    vocab_size = len(tokenizer)
+    manifest = Manifest(
+        kind="tokens", backend="zarr",
+        fingerprints={"dataset": dataset_fingerprint(records), "tokenizer": tokenizer_fingerprint(tokenizer)},
+        params={"dataset": pc.dataset, "format": fmt, "seq_len": pc.seq_len, "vocab_size": vocab_size,
+                "pad_id": pad_id(tokenizer), "eos_id": tokenizer.eos_token_id,
+                "packing": "concat-eos, no cross-document mask" if fmt == "text" else "one record per sequence, right-padded",
+                "loss_mask": "all tokens" if fmt == "text" else "assistant turns only",
+                "truncation": pc.truncation, "validation_fraction": pc.validation_fraction, "seed": pc.seed,
+                "tokenizer": tokenizer_spec, "stats": stats,
+                "splits": {s: {"sequences": int(len(i)), "tokens": int(m.size), "loss_tokens": int(m.sum())}
+                           for s, (i, m) in arrays.items()}},
+        layout=make_layout({s: len(i) for s, (i, _) in arrays.items()}, pc.shard_sequences),
+    )
+    store = Store.create(cfg.tokens_dir, manifest, overwrite)
+    done = store.committed()
+    todo = [r for r in manifest.layout if r.name not in done]
+    dtype = id_dtype(vocab_size)
+    for rec in tqdm(todo, desc="prepare: writing shards", unit="shard", disable=not todo):
+        ids, mask = arrays[rec.split]
+        store.write_shard(rec.name, {"input_ids": ids[rec.start:rec.start + rec.count].astype(dtype),
+                                     "loss_mask": mask[rec.start:rec.start + rec.count]})
+    store.refresh_manifest()
+    counts = manifest.params["splits"]
+    print(f"prepare: {fmt} data, {counts['train']['sequences']} train / {counts['validation']['sequences']} "
+          f"validation sequences of {pc.seq_len} tokens -> {cfg.tokens_dir}", flush=True)
+    return store

@@ -1,0 +1,51 @@
+"""kdcache storage: token stores and signal stores on disk. numpy and bytes only — no torch here.
+
+Public reading API (used by the trainer, `kdcache inspect` and outside tools alike):
+
+    >>> from storage import open_store, read_sequence
+    >>> tokens = open_store("runs/default/tokens")
+    >>> signals = open_store("runs/default/signals/teacher",
+    ...                      expect={"token_store": tokens.manifest.fingerprint()})
+    >>> seq = read_sequence(tokens, "validation", 0)     # {"input_ids": (T,), "loss_mask": (T,)}
+    >>> sig = read_sequence(signals, "validation", 0)    # {"ids": (T, K) int64, "logprobs": (T, K) float32,
+    ...                                                  #  "lognorm": (T,) float32}
+
+Teacher probabilities of the support are exp(logprobs); the tail mass is 1 - exp(logprobs).sum(-1);
+teacher logits of the support are logprobs + lognorm[..., None].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from storage.codecs import decode_topk, encode_topk
+from storage.errors import StoreError
+from storage.manifest import Manifest, ShardRecord
+from storage.store import Store, make_layout
+
+__all__ = ["Manifest", "ShardRecord", "Store", "StoreError", "decode_topk", "encode_topk", "make_layout",
+           "open_store", "read_sequence", "read_shard"]
+
+
+def open_store(path: str | Path, expect: dict | None = None) -> Store:
+    """Open a complete store for reading; `expect` maps fingerprint/param names to required values."""
+    return Store.open(Path(path), expect=expect)
+
+
+def read_shard(store: Store, name: str) -> dict[str, np.ndarray]:
+    """All arrays of one shard, decoded (signal values as float32, ids as int64)."""
+    arrays = store.read_shard(name)
+    if store.manifest.kind == "signals":
+        return decode_topk(arrays)
+    return arrays
+
+
+def read_sequence(store: Store, split: str, index: int) -> dict[str, np.ndarray]:
+    """The arrays of sequence `index` of `split` (for a signal store: its sparse signal per position)."""
+    for shard in store.manifest.splits().get(split, []):
+        if shard.start <= index < shard.start + shard.count:
+            arrays = read_shard(store, shard.name)
+            return {name: a[index - shard.start] for name, a in arrays.items()}
+    n = sum(s.count for s in store.manifest.splits().get(split, []))
+    raise StoreError(f"{store.path} has no sequence {index} in split {split!r} ({n} sequences)")

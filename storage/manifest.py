@@ -1,0 +1,120 @@
+"""Store manifests: frozen dataclasses serialised as JSON (never pickle).
+
+A manifest describes a whole store (what it holds, which inputs it was made from) and lists the shards that
+are committed. Fingerprints are opaque strings compared for equality by readers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from storage.errors import StoreError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def code_version() -> str:
+    try:
+        return metadata.version("kdcache")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One committed shard: `count` sequences of `split` starting at sequence `start`."""
+
+    name: str
+    split: str
+    start: int
+    count: int
+    checksum: str = ""  # sha256 over the shard's data files, "" until the shard is written
+    nbytes: int = 0
+
+    @staticmethod
+    def from_dict(d: dict) -> "ShardRecord":
+        return ShardRecord(**d)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a store holds.
+
+    kind:          "tokens" or "signals"
+    backend:       "zarr" or "arrow"
+    fingerprints:  name -> fingerprint of each input (dataset, tokenizer, teacher, token store ...)
+    params:        everything a reader needs to interpret the arrays (seq_len, vocab_size, k, dtypes ...)
+    layout:        every shard the store will hold (name, split, start, count), checksum empty
+    shards:        the committed shards, with checksums
+    """
+
+    kind: str
+    backend: str
+    fingerprints: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    layout: tuple[ShardRecord, ...] = ()
+    shards: tuple[ShardRecord, ...] = ()
+    format_version: int = FORMAT_VERSION
+    code_version: str = field(default_factory=code_version)
+
+    @property
+    def complete(self) -> bool:
+        return {s.name for s in self.layout} == {s.name for s in self.shards}
+
+    def splits(self) -> dict[str, list[ShardRecord]]:
+        """Committed shards grouped by split, in sequence order."""
+        out: dict[str, list[ShardRecord]] = {}
+        for s in sorted(self.shards, key=lambda s: (s.split, s.start)):
+            out.setdefault(s.split, []).append(s)
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layout"] = [asdict(s) for s in self.layout]
+        d["shards"] = [asdict(s) for s in self.shards]
+        d["complete"] = self.complete
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "Manifest":
+        d = dict(d)
+        d.pop("complete", None)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"store format version {d.get('format_version')} is not supported "
+                             f"(this kdcache reads version {FORMAT_VERSION}): rewrite the store")
+        d["layout"] = tuple(ShardRecord.from_dict(s) for s in d.get("layout", []))
+        d["shards"] = tuple(ShardRecord.from_dict(s) for s in d.get("shards", []))
+        return Manifest(**d)
+
+    def fingerprint(self) -> str:
+        """A fingerprint of the store's content: its inputs, parameters and committed shard checksums."""
+        import hashlib
+
+        body = json.dumps([self.kind, self.fingerprints, self.params,
+                           sorted((s.name, s.checksum) for s in self.shards)], sort_keys=True)
+        return "sha256:" + hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def read_manifest(store_dir: Path) -> Manifest:
+    path = Path(store_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise StoreError(f"no store at {store_dir}: {MANIFEST_NAME} is missing (run the stage that writes it)")
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise StoreError(f"{path} is not a valid manifest ({e}): delete the store and rerun the stage")
+
+
+def write_manifest(store_dir: Path, manifest: Manifest) -> None:
+    """Atomically replace the manifest (write a temporary file, fsync, rename)."""
+    path = Path(store_dir) / MANIFEST_NAME
+    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest.to_dict(), f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

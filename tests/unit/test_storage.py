@@ -1,0 +1,126 @@
+"""The sharded store: atomic commit, resume, idempotent rewrite, checksums, fingerprints, the reading API."""
+import json
+
+import numpy as np
+import pytest
+
+from storage import Manifest, Store, StoreError, encode_topk, make_layout, open_store, read_sequence
+from storage.manifest import read_manifest
+
+
+def _manifest(**params):
+    layout = make_layout({"train": 10, "validation": 3}, shard_sequences=4)
+    return Manifest(kind="tokens", backend="zarr", fingerprints={"tokenizer": "tok-a"},
+                    params={"seq_len": 5, "vocab_size": 100, **params}, layout=layout)
+
+
+def _arrays(rec, seed=0):
+    rng = np.random.default_rng([seed, rec.start, len(rec.split)])
+    return {"input_ids": rng.integers(0, 100, (rec.count, 5)).astype(np.uint16),
+            "loss_mask": np.ones((rec.count, 5), np.uint8)}
+
+
+def _fill(store, skip=()):
+    for rec in store.manifest.layout:
+        if rec.name not in skip:
+            store.write_shard(rec.name, _arrays(rec))
+    return store.refresh_manifest()
+
+
+def test_layout_cuts_splits_into_shards():
+    layout = make_layout({"train": 10, "validation": 3}, 4)
+    assert [(r.name, r.start, r.count) for r in layout] == [
+        ("train-00000", 0, 4), ("train-00001", 4, 4), ("train-00002", 8, 2), ("validation-00000", 0, 3)]
+
+
+def test_write_read_roundtrip_and_sequence_api(tmp_path):
+    store = Store.create(tmp_path / "s", _manifest())
+    manifest = _fill(store)
+    assert manifest.complete
+    opened = open_store(tmp_path / "s")
+    rec = manifest.layout[1]
+    want = _arrays(rec)
+    got = read_sequence(opened, "train", 5)  # sequence 5 lives in shard 1 at offset 1
+    np.testing.assert_array_equal(got["input_ids"], want["input_ids"][1])
+    assert got["input_ids"].dtype == np.uint16
+    with pytest.raises(StoreError, match="no sequence 3 in split 'validation'"):
+        read_sequence(opened, "validation", 3)
+
+
+def test_incomplete_store_is_refused_then_resumed(tmp_path):
+    store = Store.create(tmp_path / "s", _manifest())
+    _fill(store, skip={"train-00002"})
+    with pytest.raises(StoreError, match="incomplete \\(1 of 4 shards missing\\)"):
+        open_store(tmp_path / "s")
+    # a rerun with the same inputs reopens the store and sees what is already committed
+    again = Store.create(tmp_path / "s", _manifest())
+    assert set(again.committed()) == {"train-00000", "train-00001", "validation-00000"}
+    again.write_shard("train-00002", _arrays(again.manifest.layout[2]))
+    assert again.refresh_manifest().complete
+
+
+def test_killed_writer_leaves_no_readable_partial_shard(tmp_path):
+    store = Store.create(tmp_path / "s", _manifest())
+    # what a writer killed mid-shard leaves: a temporary folder, never a shard under its final name
+    partial = tmp_path / "s" / "shards" / ".tmp-train-00000-deadbeef"
+    partial.mkdir()
+    (partial / "junk").write_bytes(b"half a shard")
+    assert store.committed() == {}
+    store.refresh_manifest()
+    assert not partial.exists()
+
+
+def test_idempotent_rewrite_and_conflicting_rewrite(tmp_path):
+    store = Store.create(tmp_path / "s", _manifest())
+    rec = store.manifest.layout[0]
+    first = store.write_shard(rec.name, _arrays(rec))
+    second = store.write_shard(rec.name, _arrays(rec))
+    assert first.checksum == second.checksum
+    with pytest.raises(StoreError, match="already exists with different content"):
+        store.write_shard(rec.name, _arrays(rec, seed=1))
+
+
+def test_existing_store_with_other_inputs_is_refused_or_overwritten(tmp_path):
+    _fill(Store.create(tmp_path / "s", _manifest()))
+    other = _manifest(seq_len=6)
+    with pytest.raises(StoreError, match="different params.*seq_len: 5 vs 6"):
+        Store.create(tmp_path / "s", other)
+    fresh = Store.create(tmp_path / "s", other, overwrite=True)
+    assert fresh.committed() == {} and read_manifest(tmp_path / "s").params["seq_len"] == 6
+
+
+def test_corrupted_shard_is_detected_and_named(tmp_path):
+    store = Store.create(tmp_path / "s", _manifest())
+    _fill(store)
+    opened = open_store(tmp_path / "s")
+    victim = next(p for p in (tmp_path / "s" / "shards" / "train-00001").rglob("*")
+                  if p.is_file() and p.name != "_commit.json" and p.name != "zarr.json")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="train-00001 is corrupted"):
+        opened.read_shard("train-00001")
+    opened.read_shard("train-00000")  # the others still read
+
+
+def test_fingerprint_mismatch_names_both_values(tmp_path):
+    _fill(Store.create(tmp_path / "s", _manifest()))
+    with pytest.raises(StoreError, match="has tokenizer 'tok-a' but 'tok-b' is expected"):
+        open_store(tmp_path / "s", expect={"tokenizer": "tok-b"})
+    open_store(tmp_path / "s", expect={"tokenizer": "tok-a", "seq_len": 5})
+
+
+def test_manifest_roundtrip_and_tampered_shard_name(tmp_path):
+    store = Store.create(tmp_path / "s", _manifest())
+    m = _fill(store)
+    assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    with pytest.raises(StoreError, match="invalid shard name"):
+        store.shard_dir("../../etc")
+
+
+def test_topk_codec_uses_uint16_ids_and_fp16_values():
+    ids = np.array([[[3, 70000 % 65536]]])
+    out = encode_topk(ids, np.array([[[-0.1, -2.0]]], np.float32), np.array([[1.5]], np.float32), vocab_size=65536)
+    assert out["ids"].dtype == np.uint16 and out["logprobs"].dtype == np.float16
+    big = encode_topk(np.array([[[70000]]]), np.zeros((1, 1, 1), np.float32), np.zeros((1, 1), np.float32), 100000)
+    assert big["ids"].dtype == np.int32 and big["ids"][0, 0, 0] == 70000
