@@ -1,0 +1,164 @@
+"""Distillation losses: pure functions over tensors returning (loss_sum, n_tokens); the stage normalises once.
+
+Public API
+  ObjectiveSpec, compute_objective       the objective the trainer / evaluator call (chunked, with metrics)
+  SparseTarget                           the cached teacher signal (a dense (N, V) logit tensor also works)
+  kl, rkl, jsd, tvd, skl, srkl, ce, taid, rank_loss   individual losses (unchunked)
+  chunked_sum                            the one chunking helper
+  LOSS_NAMES, TAIL_MODES
+Tail modes, the teacher at a temperature and the TAID tail are documented in divergences.py, targets.py, taid.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from stages.losses.chunking import chunked_sum
+from stages.losses.divergences import (DIVERGENCES, TAIL_MODES, ce, ce_rows, divergence_rows, jsd, kl, rkl, skl,
+                                       srkl, tvd)
+from stages.losses.rlkd import rank_loss, rank_rows
+from stages.losses.taid import taid, taid_rows
+from stages.losses.targets import SparseTarget, Target, teacher_topk
+
+RLKD_BASES = tuple(DIVERGENCES)                                   # rlkd+<base> for every KL-family divergence
+LOSS_NAMES: tuple[str, ...] = ("ce", *DIVERGENCES, "taid", "rlkd", *(f"rlkd+{b}" for b in RLKD_BASES))
+
+__all__ = ["LOSS_NAMES", "TAIL_MODES", "ObjectiveSpec", "SparseTarget", "chunked_sum", "compute_objective",
+           "ce", "kl", "rkl", "jsd", "tvd", "skl", "srkl", "taid", "rank_loss", "agreement_counts"]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str = "kl"            # one of LOSS_NAMES; "rlkd+<base>" = rank loss + base divergence, "rlkd" = rank alone
+    tail: str = "bucket"        # one of TAIL_MODES: how a sparse teacher's missing mass is treated
+    temperature: float = 1.0    # > 0; KD terms are tau**2-scaled, the ground-truth CE is not tempered
+    ce_weight: float = 0.0      # loss = (1 - ce_weight) * KD + ce_weight * CE(labels)
+    jsd_beta: float = 0.5       # generalised JSD mixing weight, in (0, 1)
+    skew_alpha: float = 0.1     # skew KL / skew RKL mixing weight, in [0, 1)
+    rlkd_k: int = 5             # top-k peaks ranked per position
+    rlkd_weight: float = 2.0    # KD = rlkd_weight * L_rank + L_base
+    rlkd_dynamic: bool = False  # weight L_base by |topk_T & topk_S| / k per position
+    chunk_size: int = 1024      # positions per chunk
+
+    def __post_init__(self):
+        if self.name not in LOSS_NAMES:
+            raise ValueError(f"unknown loss {self.name!r}; valid: {', '.join(LOSS_NAMES)}")
+        if self.tail not in TAIL_MODES:
+            raise ValueError(f"unknown tail mode {self.tail!r}; valid: {', '.join(TAIL_MODES)}")
+        checks = [(self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+                  (0 <= self.ce_weight <= 1, f"ce_weight must be in [0, 1], got {self.ce_weight}"),
+                  (0 < self.jsd_beta < 1, f"jsd_beta must be in (0, 1), got {self.jsd_beta}"),
+                  (0 <= self.skew_alpha < 1, f"skew_alpha must be in [0, 1), got {self.skew_alpha}"),
+                  (self.rlkd_k >= 1, f"rlkd_k must be >= 1, got {self.rlkd_k}"),
+                  (self.rlkd_weight >= 0, f"rlkd_weight must be >= 0, got {self.rlkd_weight}"),
+                  (self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def base(self) -> str | None:
+        """The distribution-matching part: "ce", a divergence name, "taid", or None for rank-only "rlkd"."""
+        if self.name == "rlkd":
+            return None
+        return self.name.removeprefix("rlkd+")
+
+    @property
+    def uses_rank(self) -> bool:
+        return self.name.startswith("rlkd")
+
+
+# columns of the per-chunk sums vector
+_LOSS, _KD, _CE, _RANK = range(4)
+
+
+def _objective_sums(student_logits: torch.Tensor, target: Target | None, labels: torch.Tensor, mask: torch.Tensor,
+                    *, spec: ObjectiveSpec, taid_t: float | None) -> torch.Tensor:
+    """One chunk's [loss, kd, ce, rank] sums (4,). Masked rows are dropped first (exactly zero contribution)."""
+    if not bool(mask.all()):
+        student_logits, labels = student_logits[mask], labels[mask]
+        target = target[mask] if target is not None else None
+    if spec.name == "ce" or spec.ce_weight > 0:
+        ce_part = ce_rows(student_logits, labels)                              # (n,)
+    else:
+        with torch.no_grad():  # logged only: no backward pass over the vocab for it
+            ce_part = ce_rows(student_logits, labels)                          # (n,)
+    zeros = torch.zeros_like(ce_part)                                          # (n,)
+    if spec.name == "ce":
+        return torch.stack([ce_part.sum(), zeros.sum(), ce_part.sum(), zeros.sum()])
+    base = spec.base
+    if base is None:
+        base_part = zeros
+    elif base == "taid":
+        base_part = taid_rows(student_logits, target, taid_t, tail=spec.tail, temperature=spec.temperature)
+    else:
+        base_part = divergence_rows(base, student_logits, target, tail=spec.tail, temperature=spec.temperature,
+                                    jsd_beta=spec.jsd_beta, skew_alpha=spec.skew_alpha)  # (n,)
+    rank_part = zeros
+    if spec.uses_rank:
+        rank_part, overlap = rank_rows(student_logits, target, spec.rlkd_k)    # (n,), (n,)
+        if spec.rlkd_dynamic:
+            base_part = overlap * base_part
+        kd_part = spec.rlkd_weight * rank_part + base_part
+    else:
+        kd_part = base_part
+    loss = kd_part if spec.ce_weight == 0 else (1 - spec.ce_weight) * kd_part + spec.ce_weight * ce_part
+    return torch.stack([loss.sum(), kd_part.sum(), ce_part.sum(), rank_part.sum()])
+
+
+def keeps_vocab_sized_activations(spec: ObjectiveSpec, target: Target | None, mask: torch.Tensor) -> bool:
+    """Whether the objective's autograd graph would keep (rows, V) tensors for backward, so chunks need
+    checkpointing. The CE, the sparse bucket / renorm divergences and the rank loss go through gathers and the
+    fused support_logsumexp, which keep only the input logits and (rows, K)-sized values; a dense teacher, the
+    uniform tail and TAID need full-vocab log-softmaxes, and a partial mask copies the kept rows."""
+    if not bool(mask.all()):
+        return True
+    if spec.name == "ce" or spec.base is None:
+        return False
+    return not isinstance(target, SparseTarget) or spec.tail == "uniform" or spec.base == "taid"
+
+
+@torch.no_grad()
+def agreement_counts(student_logits: torch.Tensor, target: Target, mask: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts over masked positions of (student argmax == teacher top-1, student top-5 ids == teacher top-5 ids
+    in the same order). student_logits (N, V), target SparseTarget (N, K) | logits (N, V), mask (N,) -> 2 scalars.
+    With K < 5 the order check uses the top-K."""
+    t_ids, _ = teacher_topk(target, 5)                                         # (N, m)
+    s_ids = torch.topk(student_logits.detach(), t_ids.shape[-1], dim=-1).indices  # (N, m)
+    same = s_ids == t_ids                                                      # (N, m)
+    return (same[:, 0] & mask).sum(), (same.all(-1) & mask).sum()
+
+
+def compute_objective(student_logits: torch.Tensor, target: Target | None, labels: torch.Tensor,
+                      mask: torch.Tensor, spec: ObjectiveSpec, taid_t: float | None = None,
+                      ) -> dict[str, torch.Tensor]:
+    """The training / evaluation objective, chunked along positions.
+
+    student_logits (N, V) float (requires grad when training); target SparseTarget (N, K) | teacher logits (N, V)
+    (may be None for name "ce"); labels (N,) int64 true next token; mask (N,) bool positions that count;
+    taid_t the TAID interpolation weight (required when spec.name == "taid").
+    Returns scalars: "loss_sum" (with grad), "n_tokens", and detached "kd_sum" (the distillation part, absent
+    for "ce"; TAID's J), "ce_sum", "rank_sum" (rlkd only), "top1_agree", "top5_order_agree" (when a target is
+    given). The caller divides loss_sum by the global token count once.
+    """
+    if spec.base == "taid" and taid_t is None:
+        raise ValueError("loss 'taid' needs taid_t (from stages.schedules.TAIDSchedule)")
+    if target is None and spec.name != "ce":
+        raise ValueError(f"loss {spec.name!r} needs a teacher target")
+    mask = mask.bool()
+    sums = chunked_sum(partial(_objective_sums, spec=spec, taid_t=taid_t), student_logits.shape[0],
+                       spec.chunk_size, student_logits, target, labels, mask,
+                       checkpoint_chunks=keeps_vocab_sized_activations(spec, target, mask))  # (4,)
+    out = {"loss_sum": sums[_LOSS], "n_tokens": mask.sum()}
+    parts = sums.detach()
+    if spec.name != "ce":
+        out["kd_sum"] = parts[_KD]
+    out["ce_sum"] = parts[_CE]
+    if spec.uses_rank:
+        out["rank_sum"] = parts[_RANK]
+    if target is not None:
+        out["top1_agree"], out["top5_order_agree"] = agreement_counts(student_logits, target, mask)
+    return out

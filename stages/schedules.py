@@ -1,0 +1,100 @@
+"""Stateful schedules, checkpointed by the train stage: TAID's interpolation weight t and the learning rate."""
+from __future__ import annotations
+
+import math
+
+
+class TAIDSchedule:
+    """TAID's adaptive interpolation weight t (Shing et al., ICLR 2025; SakanaAI/TAID defaults).
+
+    Once per optimiser step, with J the detached distillation objective of that step:
+      first call: store J (t stays at t_start);
+      delta = (J_prev - J) / (J_prev + 1e-15);  m <- beta m + (1 - beta) delta
+      t_lin = t_start + (t_end - t_start) * step / total_steps
+      t <- min(t_end, max(t_lin, t + alpha * sigmoid(m) * (1 - t)));  J_prev <- J
+    So t never decreases, never drops below the linear schedule and never exceeds t_end; it moves faster while
+    the objective is falling. adaptive=False gives the linear schedule t = min(t_end, t_lin).
+    A non-finite J (a diverged step) leaves the state untouched rather than poisoning the momentum forever.
+    """
+
+    def __init__(self, total_steps: int, t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
+                 beta: float = 0.99, adaptive: bool = True):
+        if not (isinstance(total_steps, int) and total_steps >= 1):
+            raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+        if not 0.0 <= t_start <= t_end <= 1.0:
+            raise ValueError(f"need 0 <= t_start <= t_end <= 1, got t_start={t_start}, t_end={t_end}")
+        if not (0.0 <= alpha <= 1.0 and 0.0 <= beta < 1.0):
+            raise ValueError(f"need alpha in [0, 1] and beta in [0, 1), got alpha={alpha}, beta={beta}")
+        self.total_steps, self.t_start, self.t_end = total_steps, t_start, t_end
+        self.alpha, self.beta, self.adaptive = alpha, beta, adaptive
+        self.t = t_start
+        self.momentum = 0.0
+        self.prev_objective: float | None = None
+
+    def linear(self, step: int) -> float:
+        return self.t_start + (self.t_end - self.t_start) * min(step, self.total_steps) / self.total_steps
+
+    def update(self, step: int, objective_value: float) -> float:
+        """Advance t after optimiser step `step` (steps done so far) whose objective was objective_value.
+        Returns the new t."""
+        if not self.adaptive:
+            self.t = min(self.t_end, self.linear(step))
+            return self.t
+        j = float(objective_value)
+        if not math.isfinite(j):
+            return self.t
+        if self.prev_objective is None:
+            self.prev_objective = j
+            return self.t
+        delta = (self.prev_objective - j) / (self.prev_objective + 1e-15)
+        self.momentum = self.beta * self.momentum + (1 - self.beta) * delta
+        sigmoid_m = 1.0 / (1.0 + math.exp(-self.momentum))
+        self.t = min(self.t_end, max(self.linear(step), self.t + self.alpha * sigmoid_m * (1 - self.t)))
+        self.prev_objective = j
+        return self.t
+
+    def state_dict(self) -> dict:
+        """Plain Python values (JSON- and torch.save-friendly)."""
+        return {"t": self.t, "momentum": self.momentum, "prev_objective": self.prev_objective,
+                "total_steps": self.total_steps, "t_start": self.t_start, "t_end": self.t_end,
+                "alpha": self.alpha, "beta": self.beta, "adaptive": self.adaptive}
+
+    def load_state_dict(self, state: dict) -> None:
+        # the hyper-parameters travel with the state so a resumed run continues the same schedule exactly
+        for key in ("total_steps", "t_start", "t_end", "alpha", "beta", "adaptive"):
+            if key in state:
+                setattr(self, key, state[key])
+        self.t = float(state["t"])
+        self.momentum = float(state["momentum"])
+        self.prev_objective = None if state["prev_objective"] is None else float(state["prev_objective"])
+
+
+class WarmupCosineLR:
+    """Linear warm-up to peak_lr over warmup_steps, then cosine decay to min_lr_ratio * peak_lr at total_steps.
+
+    lr(step) is a pure function of the step (0-based: the first optimiser step uses lr(0) = peak_lr / warmup_steps,
+    never 0); state_dict carries the configuration so a resume reproduces the schedule.
+    """
+
+    def __init__(self, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1):
+        if peak_lr < 0 or warmup_steps < 0 or total_steps < 1 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"bad LR schedule: peak_lr={peak_lr}, warmup_steps={warmup_steps}, "
+                             f"total_steps={total_steps}, min_lr_ratio={min_lr_ratio}")
+        self.peak_lr, self.warmup_steps = peak_lr, warmup_steps
+        self.total_steps, self.min_lr_ratio = total_steps, min_lr_ratio
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        min_lr = self.peak_lr * self.min_lr_ratio
+        return min_lr + (self.peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def state_dict(self) -> dict:
+        return {"peak_lr": self.peak_lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "min_lr_ratio": self.min_lr_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.peak_lr, self.warmup_steps = state["peak_lr"], state["warmup_steps"]
+        self.total_steps, self.min_lr_ratio = state["total_steps"], state["min_lr_ratio"]

@@ -1,0 +1,106 @@
+"""TAID's adaptive t and the warm-up cosine learning rate."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+
+from stages.schedules import TAIDSchedule, WarmupCosineLR
+
+
+def test_taid_hand_computed_sequence():
+    """total 100, alpha 0.5, beta 0.9, J = 2.0, 1.0, 1.5, 1.5:
+    step 1  store J=2; t = 0.4
+    step 2  delta = (2 - 1)/2 = 0.5;  m = 0.1*0.5 = 0.05;   t_lin = 0.412
+            t = 0.4 + 0.5*sigmoid(0.05)*0.6 = 0.4 + 0.5*0.5124973965*0.6 = 0.5537492189
+    step 3  delta = (1 - 1.5)/1 = -0.5;  m = 0.9*0.05 - 0.05 = -0.005
+            t = 0.5537492189 + 0.5*sigmoid(-0.005)*(1 - 0.5537492189) = 0.5537492189 + 0.1112837891 = 0.6650330081
+    step 4  delta = 0;  m = 0.9*(-0.005) = -0.0045
+            t = 0.6650330081 + 0.5*sigmoid(-0.0045)*0.3349669919 = 0.7485863374"""
+    sched = TAIDSchedule(total_steps=100, alpha=0.5, beta=0.9)
+    assert sched.t == 0.4
+    expected = [0.4, 0.5537492189, 0.6650330081, 0.7485863374]
+    for step, (j, t) in enumerate(zip([2.0, 1.0, 1.5, 1.5], expected), start=1):
+        assert sched.update(step, j) == pytest.approx(t, abs=1e-9)
+        assert sched.t == pytest.approx(t, abs=1e-9)
+    assert sched.momentum == pytest.approx(-0.0045, abs=1e-12)
+    assert sched.prev_objective == 1.5
+
+
+def test_taid_is_monotone_bounded_and_never_below_linear():
+    sched = TAIDSchedule(total_steps=50, t_start=0.2, t_end=0.9, alpha=0.2, beta=0.5)
+    objectives = [5.0, 3.0, 4.0, 10.0, 1.0, 1.0, 0.5, 7.0] * 8
+    previous = sched.t
+    for step, j in enumerate(objectives, start=1):
+        t = sched.update(step, j)
+        assert t >= previous - 1e-15
+        assert t <= 0.9
+        if step > 1:  # the first call only stores J (t stays t_start), the rule applies from the second on
+            assert t >= min(0.9, 0.2 + 0.7 * step / 50) - 1e-12
+        previous = t
+    assert sched.t == 0.9  # reached the cap
+
+
+def test_taid_linear_floor_dominates_with_tiny_alpha():
+    sched = TAIDSchedule(total_steps=10, alpha=0.0)
+    for step in range(1, 11):
+        sched.update(step, 1.0 / step)
+    assert sched.t == pytest.approx(1.0)
+    assert sched.update(11, 0.05) == 1.0
+
+
+def test_taid_non_adaptive_is_linear():
+    sched = TAIDSchedule(total_steps=4, t_start=0.4, t_end=1.0, adaptive=False)
+    assert [sched.update(s, 100.0 / s) for s in range(1, 6)] == pytest.approx([0.55, 0.7, 0.85, 1.0, 1.0])
+
+
+def test_taid_ignores_non_finite_objective():
+    sched = TAIDSchedule(total_steps=100, alpha=0.5, beta=0.9)
+    sched.update(1, 2.0)
+    sched.update(2, 1.0)
+    before = sched.state_dict()
+    sched.update(3, float("nan"))
+    sched.update(3, float("inf"))
+    assert sched.state_dict() == before
+
+
+def test_taid_state_dict_round_trip_continues_exactly():
+    objectives = [3.0, 2.5, 2.7, 2.0, 1.9, 2.2, 1.5, 1.4, 1.45, 1.2]
+    reference = TAIDSchedule(total_steps=20, alpha=0.3, beta=0.8)
+    for step, j in enumerate(objectives[:5], start=1):
+        reference.update(step, j)
+    state = json.loads(json.dumps(reference.state_dict()))  # survives a JSON checkpoint
+    resumed = TAIDSchedule(total_steps=20, alpha=0.3, beta=0.8)
+    assert resumed.t != reference.t
+    resumed.load_state_dict(state)
+    original = copy.deepcopy(reference)
+    for step, j in enumerate(objectives[5:], start=6):
+        assert resumed.update(step, j) == original.update(step, j)
+    assert resumed.state_dict() == original.state_dict()
+
+
+def test_taid_validation():
+    with pytest.raises(ValueError):
+        TAIDSchedule(total_steps=0)
+    with pytest.raises(ValueError):
+        TAIDSchedule(total_steps=10, t_start=0.8, t_end=0.5)
+
+
+def test_warmup_cosine_lr_shape():
+    sched = WarmupCosineLR(peak_lr=1e-3, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    lrs = [sched.lr(s) for s in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])              # linear warm-up, never 0
+    assert lrs[4] == pytest.approx(1e-3)                                       # cosine starts at the peak
+    assert lrs[9] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half way
+    assert lrs[14] == pytest.approx(1e-4) and lrs[19] == pytest.approx(1e-4)   # floor after total_steps
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_warmup_cosine_lr_without_warmup_and_round_trip():
+    sched = WarmupCosineLR(peak_lr=2.0, warmup_steps=0, total_steps=10, min_lr_ratio=0.0)
+    assert sched.lr(0) == pytest.approx(2.0) and sched.lr(10) == pytest.approx(0.0)
+    other = WarmupCosineLR(peak_lr=1.0, warmup_steps=3, total_steps=5)
+    other.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    assert [other.lr(s) for s in range(12)] == [sched.lr(s) for s in range(12)]
