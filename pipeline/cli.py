@@ -111,10 +111,25 @@ def inspect(store: str, as_json: bool):
             click.echo(f"{key:>22}: {value}")
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars say what is happening; the libraries' per-file bars and warnings are noise."""
+    import warnings
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
     from storage.errors import StoreError
 
+    _quiet_libraries()
     try:
         cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
     except (KdcacheError, StoreError) as e:

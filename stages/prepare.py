@@ -180,9 +180,9 @@ def dataset_fingerprint(records: list[dict]) -> str:
 def run(cfg: Config, overwrite: bool = False) -> Store:
     pc = cfg.prepare
     tokenizer_spec = cfg.precompute.teacher if pc.tokenizer == "teacher" else pc.tokenizer
-    tokenizer = load_tokenizer(tokenizer_spec)
     records = load_records(pc)
     fmt = detect_format(records, pc)
+    tokenizer = load_tokenizer(tokenizer_spec)
     if len(records) < 2:
         raise KdcacheError(f"dataset {pc.dataset!r} has {len(records)} record(s): at least 2 are needed "
                            "for a train/validation split")

@@ -208,7 +208,7 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
                                 taid_t=taid.t if taid is not None else None)
         (out["loss_sum"] / n_tokens).backward()
         for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
+            totals[k] = totals.get(k, 0.0) + float(v.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), tc.clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -227,6 +227,5 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
     log.write(json.dumps(record) + "\n")
     log.flush()
     bar.update(1)
-    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}",
-                    tok_s=f"{n_tokens * tc.batch_size and n_tokens / record['seconds']:.0f}")
+    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{n_tokens / record['seconds']:.0f}")
     return step, position

@@ -34,12 +34,11 @@ def build_tiny_model(out: Path, tokenizer, layers: int = 4, hidden: int = 32, se
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
+                         max_position_embeddings=512, tie_word_embeddings=True, initializer_range=0.2,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
+    # a large init makes every layer matter, so a layer-dropped student starts measurably far from the teacher
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # a peaked, structured random teacher, so distillation has something to learn
-        model.model.embed_tokens.weight.mul_(8.0)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,155 @@
+"""train and evaluate end to end on tiny models: learning, exact resume, no teacher in memory, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from stages import evaluate, precompute, prepare, train
+from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory, tiny_teacher):
+    """A run folder with tokens and teacher signals, shared (read-only) by the tests below."""
+    run_dir = tmp_path_factory.mktemp("cached") / "run"
+    cfg = load_config(None, tiny_overrides(run_dir, tiny_teacher))
+    prepare.run(cfg)
+    precompute.run(cfg)
+    return run_dir
+
+
+def _cfg(tmp_path, cached_run, teacher, **extra):
+    """A config whose stores are a copy of the cached run (so tests may write students freely)."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    if not run_dir.exists():
+        shutil.copytree(cached_run, run_dir, ignore=shutil.ignore_patterns("student", "eval"))
+    return load_config(None, tiny_overrides(run_dir, teacher, **extra))
+
+
+def _log(cfg):
+    return [json.loads(l) for l in (cfg.student_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trained_student_is_closer_to_the_teacher(tmp_path, cached_run, tiny_teacher):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.max_steps": 30, "train.checkpoint_every": 10})
+    final = train.run(cfg)
+    model = AutoModelForCausalLM.from_pretrained(final)           # save_pretrained -> from_pretrained works
+    assert model.config.num_hidden_layers == 2
+    metrics = evaluate.run(cfg)
+    s = metrics["students"]
+    assert s["trained"]["kl_teacher"] < 0.9 * s["untrained"]["kl_teacher"]
+    assert s["trained"]["top1_agreement"] > s["untrained"]["top1_agreement"]
+    report = (cfg.eval_dir / "report.md").read_text()
+    assert "closer to the teacher than the untrained student" in report
+    log = _log(cfg)
+    assert [r["step"] for r in log] == list(range(1, 31)) and log[-1]["loss"] < log[0]["loss"]
+
+
+def test_training_never_constructs_the_teacher(tmp_path, cached_run, tiny_teacher, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    import stages.models
+
+    built = []
+    init = modeling_llama.LlamaForCausalLM.__init__
+
+    def spy(self, config, *a, **k):
+        built.append(config.num_hidden_layers)
+        init(self, config, *a, **k)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("train must not load the teacher")
+
+    monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "__init__", spy)
+    monkeypatch.setattr(stages.models, "load_teacher", no_teacher)
+    monkeypatch.setattr(precompute, "load_teacher", no_teacher)
+    train.run(_cfg(tmp_path, cached_run, tiny_teacher, **{"train.max_steps": 2}))
+    assert built and all(n == 2 for n in built)  # only 2-layer students; the teacher has 4 layers
+
+
+def test_interrupted_training_resumes_exactly(tmp_path, cached_run, tiny_teacher, monkeypatch):
+    full = _cfg(tmp_path / "full", cached_run, tiny_teacher)
+    train.run(full)
+    reference = [r["loss"] for r in _log(full)]
+
+    cut = _cfg(tmp_path / "cut", cached_run, tiny_teacher)
+    real = train._train_step
+
+    def crash_at_step_5(*args, **kwargs):
+        if args[8] == 4:  # the step counter: the checkpoint of step 4 exists, step 5 is lost
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cut)
+    monkeypatch.setattr(train, "_train_step", real)
+    assert train.latest_checkpoint(cut.student_dir / "checkpoints").name == "step-00000004"
+    train.run(cut)
+    resumed = [r["loss"] for r in _log(cut)]
+    assert len(resumed) == len(reference) == 6
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=1e-6, atol=1e-7)
+
+
+def test_sigkill_during_training_then_resume(tmp_path, cached_run, tiny_teacher):
+    cfg = _cfg(tmp_path / "ref", cached_run, tiny_teacher, **{"train.max_steps": 12, "train.checkpoint_every": 3})
+    train.run(cfg)
+    reference = [r["loss"] for r in _log(cfg)]
+
+    killed = _cfg(tmp_path / "killed", cached_run, tiny_teacher, **{"train.max_steps": 12, "train.checkpoint_every": 3})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "pipeline.cli", "train"]
+    for o in tiny_overrides(killed.run_dir, tiny_teacher, **{"train.max_steps": 12, "train.checkpoint_every": 3}):
+        args += ["-s", o]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = killed.student_dir / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(ckpts.glob("step-*/state.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(ckpts.glob("step-*/state.json"))
+    assert done, "a checkpoint should exist before the kill"
+    out = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "resuming from step-" in out.stdout
+    resumed = [r["loss"] for r in _log(killed)]
+    assert len(resumed) == 12
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_student_with_another_vocabulary_is_refused(tmp_path, cached_run, tiny_teacher, capsys):
+    other = build_tiny_model(tmp_path / "other-student", build_tokenizer(vocab_size=300), layers=1)
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher)
+    args = ["train"] + [a for o in tiny_overrides(cfg.run_dir, tiny_teacher, **{"train.student": other})
+                        for a in ("-s", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kdcache: error: student") and "vocabulary size 300" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prepare", "-s", "prepare.dataset=/no/such/file.jsonl"], "data file /no/such/file.jsonl does not exist"),
+    (["train", "-s", "train.lr=-1"], "train.lr must be > 0"),
+    (["train", "--loss", "nonsense"], "nonsense"),
+    (["evaluate", "--run-dir", "/nonexistent/run"], "no store at /nonexistent/run/tokens"),
+])
+def test_cli_errors_are_one_line_and_nonzero(args, message, capsys, tiny_teacher):
+    assert main(args + ["-s", f"precompute.teacher={tiny_teacher}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("kdcache: error: ") and message in err
+    assert "Traceback" not in err
