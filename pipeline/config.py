@@ -27,7 +27,7 @@ class PrepareConfig:
     text_field: str = "text"           # field holding plain text (format text)
     seq_len: int = 256
     validation_fraction: float = 0.1   # fraction of documents/records held out, chosen by seeded shuffle
-    max_train_sequences: int | None = None
+    max_train_sequences: int | None = 128  # bounds the teacher pass: the default demo fits ~10 min on 2 cores
     max_validation_sequences: int | None = None
     truncation: str = "right"          # instruction records longer than seq_len: right (cut the end) | drop
     shard_sequences: int = 32
@@ -74,12 +74,12 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
-    warmup_steps: int = 10
-    max_steps: int = 120
-    batch_size: int = 8
+    warmup_steps: int = 6
+    max_steps: int = 60
+    batch_size: int = 4
     grad_accum: int = 1
     clip_grad_norm: float = 1.0
-    checkpoint_every: int = 40
+    checkpoint_every: int = 20
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"               # auto (cuda if available) | cpu | cuda | cuda:N
