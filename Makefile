@@ -1,5 +1,9 @@
-# kdcache: every stage is a file target on its output manifest, so `make train` after `make precompute`
-# does not run the teacher again. Variables: PYTHON, CONFIG (YAML file), RUN (run folder), ARGS (extra -s overrides).
+# kdcache: the Makefile is the stage graph. Each stage is a file target RUN/.stages/<stage>.done, written when the
+# stage finishes; it depends on its upstream stage and on RUN/.stages/<stage>.config, which `kdcache stamps`
+# rewrites only when the config fields that stage depends on change. So `make` reruns exactly the stale stages
+# (change train.lr -> train and evaluate; change precompute.k -> precompute onward), a killed stage is rerun
+# (and resumes), and `make -n` shows the plan.
+# Variables: PYTHON, CONFIG (YAML file), RUN (run folder), ARGS (extra `-s section.field=value` overrides).
 PYTHON ?= python3
 RUN ?= runs/default
 CONFIG ?=
@@ -7,11 +11,12 @@ ARGS ?=
 KD = $(PYTHON) -m pipeline.cli
 OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
+S = $(RUN)/.stages
 
 .PHONY: help install test test-fast demo prepare precompute train evaluate clean
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
 
 $(STAMP): pyproject.toml
 	@# the CPU build of torch first, unless a torch (e.g. a CUDA build) is already installed
@@ -30,24 +35,34 @@ test-fast: $(STAMP)  ## unit tests only
 	$(PYTHON) -m pytest -q tests/unit
 
 demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train -> evaluate
-	$(MAKE) evaluate
+	$(MAKE) evaluate RUN=$(RUN) CONFIG=$(CONFIG) ARGS='$(ARGS)'
 	@cat $(RUN)/eval/report.md
 
-prepare: $(RUN)/tokens/manifest.json  ## tokenise the dataset
-precompute: $(RUN)/signals/teacher/manifest.json  ## run the teacher once, cache its signal
-train: $(RUN)/student/final/config.json  ## train the student from the cache
-evaluate: $(RUN)/eval/metrics.json  ## held-out metrics and report
+# Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
+# this cannot run; the pattern rule below then writes the stamps once kdcache is installed.
+ifeq ($(filter help install clean,$(MAKECMDGOALS)),)
+_ := $(shell $(KD) stamps $(OPTS) 2>/dev/null)
+endif
+$(S)/%.config: | $(STAMP)
+	$(KD) stamps $(OPTS)
 
-$(RUN)/tokens/manifest.json: $(STAMP) $(CONFIG)
-	$(KD) prepare $(OPTS)
+prepare: $(S)/prepare.done  ## tokenise the dataset (RUN/tokens)
+precompute: $(S)/precompute.done  ## run the teacher once, cache its signal (RUN/signals/teacher)
+train: $(S)/train.done  ## train the student from the cache (RUN/student)
+evaluate: $(S)/evaluate.done  ## held-out metrics and report (RUN/eval)
 
-$(RUN)/signals/teacher/manifest.json: $(RUN)/tokens/manifest.json
-	$(KD) precompute $(OPTS)
+# a stage that is stale because its config changed replaces its old output (--overwrite); with unchanged inputs
+# the stages resume or skip finished work instead
+$(S)/prepare.done: $(S)/prepare.config | $(STAMP)
+	$(KD) prepare --overwrite $(OPTS)
 
-$(RUN)/student/final/config.json: $(RUN)/signals/teacher/manifest.json
+$(S)/precompute.done: $(S)/prepare.done $(S)/precompute.config
+	$(KD) precompute --overwrite $(OPTS)
+
+$(S)/train.done: $(S)/precompute.done $(S)/train.config
 	$(KD) train $(OPTS)
 
-$(RUN)/eval/metrics.json: $(RUN)/student/final/config.json
+$(S)/evaluate.done: $(S)/train.done $(S)/evaluate.config
 	$(KD) evaluate $(OPTS)
 
 clean:  ## delete the run folder

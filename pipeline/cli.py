@@ -11,6 +11,7 @@ import click
 
 from pipeline.config import Config, load_config, save_config
 from pipeline.errors import KdcacheError
+from pipeline.freshness import mark_done, write_stamps
 
 DEBUG = {"on": False}
 
@@ -47,6 +48,7 @@ def prepare(cfg: Config, overwrite: bool):
     from stages import prepare as stage
 
     stage.run(cfg, overwrite=overwrite)
+    mark_done(cfg, "prepare")
 
 
 @cli.command()
@@ -59,6 +61,7 @@ def precompute(cfg: Config, scheduler: str | None, overwrite: bool):
     from stages import precompute as stage
 
     stage.run(cfg, scheduler=scheduler, overwrite=overwrite)
+    mark_done(cfg, "precompute")
 
 
 @cli.command()
@@ -72,6 +75,7 @@ def train(cfg: Config, loss: str | None, no_resume: bool):
     if loss is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=loss))
     stage.run(cfg, resume=not no_resume)
+    mark_done(cfg, "train")
 
 
 @cli.command()
@@ -81,6 +85,7 @@ def evaluate(cfg: Config):
     from stages import evaluate as stage
 
     stage.run(cfg)
+    mark_done(cfg, "evaluate")
 
 
 @cli.command()
@@ -91,9 +96,22 @@ def run(cfg: Config, scheduler: str | None):
     from stages import evaluate, precompute, prepare, train
 
     prepare.run(cfg)
+    mark_done(cfg, "prepare")
     precompute.run(cfg, scheduler=scheduler)
+    mark_done(cfg, "precompute")
     train.run(cfg)
+    mark_done(cfg, "train")
     evaluate.run(cfg)
+    mark_done(cfg, "evaluate")
+
+
+@cli.command()
+@config_options
+def stamps(cfg: Config):
+    """Record each stage's config inputs in RUN/.stages (rewritten only on change; the Makefile's stage graph)."""
+    changed = write_stamps(cfg)
+    if changed:
+        click.echo(f"config changed for: {', '.join(changed)}", err=True)
 
 
 @cli.command()

@@ -1,0 +1,73 @@
+"""Stage freshness for the Makefile: which config fields each stage's output depends on, and completion markers.
+
+`make` decides by file times. Two kinds of small files in RUN/.stages/ give it what it needs:
+
+  <stage>.config  the config fields the stage's output depends on, rewritten only when they change — so editing
+                  train.lr touches train.config alone, and make reruns train and what depends on it.
+  <stage>.done    written when the stage finishes. A store's manifest exists from the first shard on, so it cannot
+                  tell a finished stage from a killed one; a killed stage leaves no .done and is rerun (and resumes).
+
+Upstream outputs are covered by the dependency chain itself (precompute.done depends on prepare.done, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pipeline.config import Config
+
+STAGES_DIR = ".stages"
+
+# fields that change how a stage runs, not what it produces
+EXECUTION_ONLY = {
+    "precompute": {"scheduler", "workers", "threads_per_worker"},
+    "train": {"log_every", "prefetch", "checkpoint_every", "keep_checkpoints"},
+}
+
+
+def stage_inputs(cfg: Config) -> dict[str, dict]:
+    """stage -> the config values its output depends on (beyond its upstream stages' outputs)."""
+    out = {}
+    for stage in ("prepare", "precompute", "train", "evaluate"):
+        section = getattr(cfg, stage).__dict__
+        out[stage] = {k: v for k, v in section.items() if k not in EXECUTION_ONLY.get(stage, set())}
+    if cfg.prepare.tokenizer == "teacher":  # the token store is made with the teacher's tokenizer
+        out["prepare"]["teacher"] = cfg.precompute.teacher
+    out["evaluate"]["device"] = cfg.train.device
+    return out
+
+
+def stages_dir(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / STAGES_DIR
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return True
+
+
+def write_stamps(cfg: Config) -> list[str]:
+    """Write RUN/.stages/<stage>.config for every stage whose inputs changed; returns those stages."""
+    folder = stages_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    changed = []
+    for stage, inputs in stage_inputs(cfg).items():
+        if _write_if_changed(folder / f"{stage}.config", json.dumps(inputs, indent=1, sort_keys=True) + "\n"):
+            changed.append(stage)
+    return changed
+
+
+def mark_done(cfg: Config, stage: str, summary: dict | None = None) -> Path:
+    """Record that `stage` finished (the Makefile's target for the stage)."""
+    folder = stages_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stage}.done"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(summary or {}, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
