@@ -129,6 +129,17 @@ def inspect(store: str, as_json: bool):
             click.echo(f"{key:>22}: {value}")
 
 
+@cli.command()
+def doctor():
+    """Check the environment: packages, device, the default teacher, disk; print what is missing and how to fix it."""
+    from pipeline.doctor import report, run_checks
+
+    text, healthy = report(run_checks())
+    click.echo(text)
+    if not healthy:
+        raise click.exceptions.Exit(1)
+
+
 def _quiet_libraries() -> None:
     """Our own progress bars say what is happening; the libraries' per-file bars and warnings are noise."""
     import warnings
@@ -149,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_libraries()
     try:
-        cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
+        # a command's own non-zero exit (click Exit) comes back as a return value in non-standalone mode
+        code = cli.main(args=argv, prog_name="kdcache", standalone_mode=False)
     except (KdcacheError, StoreError) as e:
         if DEBUG["on"]:
             raise
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("kdcache: interrupted (finished shards and checkpoints are kept; rerun to resume)", err=True)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
