@@ -13,7 +13,7 @@ OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
 S = $(RUN)/.stages
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate clean
+.PHONY: help install test test-fast demo prepare precompute train evaluate docs clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -40,7 +40,7 @@ demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train ->
 
 # Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
 # this cannot run; the pattern rule below then writes the stamps once kdcache is installed.
-ifeq ($(filter help install clean,$(MAKECMDGOALS)),)
+ifeq ($(filter help install clean docs test test-fast,$(MAKECMDGOALS)),)
 _ := $(shell $(KD) stamps $(OPTS) 2>/dev/null)
 endif
 $(S)/%.config: | $(STAMP)
@@ -64,6 +64,9 @@ $(S)/train.done: $(S)/precompute.done $(S)/train.config
 
 $(S)/evaluate.done: $(S)/train.done $(S)/evaluate.config
 	$(KD) evaluate $(OPTS)
+
+docs:  ## regenerate the README's CLI reference from the CLI's help texts
+	$(PYTHON) -m pipeline.clidoc README.md
 
 clean:  ## delete the run folder
 	rm -rf $(RUN)
