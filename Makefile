@@ -13,7 +13,7 @@ OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
 S = $(RUN)/.stages
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate docs clean
+.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -34,8 +34,8 @@ test: $(STAMP)  ## run the whole test suite
 test-fast: $(STAMP)  ## unit tests only
 	$(PYTHON) -m pytest -q tests/unit
 
-demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train -> evaluate
-	$(MAKE) evaluate RUN=$(RUN) CONFIG=$(CONFIG) ARGS='$(ARGS)'
+demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train -> evaluate -> report
+	$(MAKE) report RUN=$(RUN) CONFIG=$(CONFIG) ARGS='$(ARGS)'
 	@cat $(RUN)/eval/report.md
 
 # Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
@@ -49,7 +49,9 @@ $(S)/%.config: | $(STAMP)
 prepare: $(S)/prepare.done  ## tokenise the dataset (RUN/tokens)
 precompute: $(S)/precompute.done  ## run the teacher once, cache its signal (RUN/signals/teacher)
 train: $(S)/train.done  ## train the student from the cache (RUN/student)
-evaluate: $(S)/evaluate.done  ## held-out metrics and report (RUN/eval)
+evaluate: $(S)/evaluate.done  ## held-out metrics (RUN/eval)
+report: $(S)/evaluate.done  ## Markdown + HTML report with plots (RUN/report)
+	$(KD) report $(RUN)
 
 # a stage that is stale because its config changed replaces its old output (--overwrite); with unchanged inputs
 # the stages resume or skip finished work instead

@@ -130,6 +130,15 @@ def inspect(store: str, as_json: bool):
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(), default="runs/default")
+def report(run_dir: str):
+    """Markdown + HTML report with PNG plots of a run folder or a folder of runs (RUN/report)."""
+    from stages import report as stage
+
+    stage.run(Path(run_dir))
+
+
+@cli.command()
 def doctor():
     """Check the environment: packages, device, the default teacher, disk; print what is missing and how to fix it."""
     from pipeline.doctor import report, run_checks

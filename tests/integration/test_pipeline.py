@@ -153,3 +153,26 @@ def test_cli_errors_are_one_line_and_nonzero(args, message, capsys, tiny_teacher
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("kdcache: error: ") and message in err
     assert "Traceback" not in err
+
+
+def test_report_has_readable_plots(tmp_path, cached_run, tiny_teacher):
+    import matplotlib.image
+
+    from stages import report
+
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.loss": "taid", "train.max_steps": 4})
+    train.run(cfg)
+    evaluate.run(cfg)
+    out = report.run(cfg.run_dir)
+    text = (out / "report.md").read_text()
+    for name in ("training_curves.png", "taid_t.png", "coverage.png"):
+        assert f"]({name})" in text and name in (out / "report.html").read_text()
+        pixels = matplotlib.image.imread(out / name)                 # (H, W, 4) floats in [0, 1]
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400
+        assert (pixels[..., :3] < 0.5).mean() > 0.005                # something is drawn, not a blank canvas
+    assert "| run | trained |" in text and "| run | untrained |" in text
+
+
+def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "holds no results to report" in capsys.readouterr().err
