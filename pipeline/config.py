@@ -13,6 +13,15 @@ import yaml
 from pipeline.errors import KdcacheError
 
 
+TEACHER_SOURCE = "teacher"  # the name of the teacher's signal store; other sources are named by the user
+
+
+def check_source_name(name: str, what: str) -> None:
+    """A source name becomes a folder name under RUN/signals: keep it a plain identifier."""
+    _check(bool(name) and name.replace("-", "_").replace(".", "_").isidentifier() and not name.startswith("."),
+           f"{what} {name!r} is not a valid source name: use letters, digits, '-', '_' or '.'")
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise KdcacheError(f"invalid config: {message}")
@@ -67,6 +76,7 @@ class PrecomputeConfig:
 @dataclass
 class TrainConfig:
     student: str = "layerdrop:6"       # layerdrop:N (N teacher layers, evenly spaced) | random:N | local dir / hub id
+    source: str = "teacher"            # which cached signal the student learns from: RUN/signals/<source>
     loss: str = "kl"
     tail: str = "bucket"               # bucket | renorm | uniform: how the teacher mass outside the top-k is handled
     temperature: float = 1.0
@@ -99,6 +109,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.precision in ("auto", "bf16", "fp32"), f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
         _check(self.prefetch >= 0, f"train.prefetch must be >= 0, got {self.prefetch}")
+        check_source_name(self.source, "train.source")
 
 
 @dataclass
@@ -123,9 +134,14 @@ class Config:
     def tokens_dir(self) -> Path:
         return Path(self.run_dir) / "tokens"
 
+    def signal_dir(self, source: str) -> Path:
+        """The signal store of one source (the teacher, a committee member, an assistant): RUN/signals/<source>."""
+        return Path(self.run_dir) / "signals" / source
+
     @property
     def signals_dir(self) -> Path:
-        return Path(self.run_dir) / "signals" / "teacher"
+        """The teacher's signal store (the reference the evaluation measures against)."""
+        return self.signal_dir(TEACHER_SOURCE)
 
     @property
     def student_dir(self) -> Path:

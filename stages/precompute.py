@@ -14,7 +14,7 @@ import dask
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import Config
+from pipeline.config import TEACHER_SOURCE, Config
 from pipeline.errors import KdcacheError
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 from stages.runtime import pick_device
@@ -59,27 +59,29 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, k
             "checksum": record.checksum}
 
 
-def signal_manifest(cfg: Config, tokens: Store) -> Manifest:
-    """What the signal store will hold, from the token store and the teacher's config/tokenizer (no weights)."""
+def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Manifest:
+    """What the signal store of `source` (computed by `model`) will hold, from the token store and the model's
+    config/tokenizer (no weights loaded)."""
     from transformers import AutoConfig
 
     pc = cfg.precompute
-    teacher_path = resolve_model_path(pc.teacher)
-    tokenizer = load_tokenizer(pc.teacher)
-    teacher_tok = tokenizer_fingerprint(tokenizer)
-    if teacher_tok != tokens.manifest.fingerprints["tokenizer"]:
-        raise KdcacheError(f"teacher {pc.teacher!r} tokenizer {teacher_tok} differs from the token store's "
-                           f"{tokens.manifest.fingerprints['tokenizer']}: prepare the data with the teacher's tokenizer")
-    vocab_size = AutoConfig.from_pretrained(teacher_path).vocab_size
+    model_path = resolve_model_path(model)
+    tokenizer = load_tokenizer(model)
+    model_tok = tokenizer_fingerprint(tokenizer)
+    if model_tok != tokens.manifest.fingerprints["tokenizer"]:
+        raise KdcacheError(f"{source} {model!r} tokenizer {model_tok} differs from the token store's "
+                           f"{tokens.manifest.fingerprints['tokenizer']}: every source must share the tokenizer "
+                           "the data was prepared with")
+    vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
     if pc.k > vocab_size:
-        raise KdcacheError(f"precompute.k={pc.k} exceeds the teacher's vocabulary ({vocab_size})")
+        raise KdcacheError(f"precompute.k={pc.k} exceeds the {source}'s vocabulary ({vocab_size})")
     return Manifest(
         kind="signals", backend=pc.backend,
-        fingerprints={"teacher": model_fingerprint(pc.teacher), "tokenizer": teacher_tok,
+        fingerprints={"teacher": model_fingerprint(model), "tokenizer": model_tok,
                       "token_store": tokens.manifest.fingerprint()},
         params={"signal": "topk", "k": pc.k, "value_dtype": pc.value_dtype, "temperature": 1.0,
-                "vocab_size": vocab_size, "seq_len": tokens.manifest.params["seq_len"], "teacher": pc.teacher,
-                "source": "teacher"},
+                "vocab_size": vocab_size, "seq_len": tokens.manifest.params["seq_len"], "teacher": model,
+                "source": source},
         layout=tokens.manifest.layout,
     )
 
@@ -100,22 +102,26 @@ def _client(scheduler: str, workers: int, threads: int | None):
     return Client(scheduler, timeout="30s"), None
 
 
-def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False) -> Store:
+def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, source: str = TEACHER_SOURCE,
+        model: str | None = None) -> Store:
+    """Cache the signal of `model` (default: precompute.teacher) as source `source` in RUN/signals/<source>."""
     pc = cfg.precompute
     scheduler = scheduler or pc.scheduler
+    model = model or pc.teacher
+    out_dir = cfg.signal_dir(source)
     tokens = Store.open(cfg.tokens_dir)
-    manifest = signal_manifest(cfg, tokens)
-    signals = Store.create(cfg.signals_dir, manifest, overwrite)
+    manifest = signal_manifest(cfg, tokens, source, model)
+    signals = Store.create(out_dir, manifest, overwrite)
     done = signals.committed()
     todo = [r for r in manifest.layout if r.name not in done]
     seq_len = manifest.params["seq_len"]
     total = sum(r.count for r in manifest.layout) * seq_len
     threads = pc.threads_per_worker or max(1, (os.cpu_count() or 1) // pc.workers)
-    tasks = [dask.delayed(precompute_shard, pure=True)(str(cfg.tokens_dir), str(cfg.signals_dir), r.name,
-                                                       pc.teacher, pc.k, pc.batch_size, pc.value_dtype, threads)
+    tasks = [dask.delayed(precompute_shard, pure=True)(str(cfg.tokens_dir), str(out_dir), r.name,
+                                                       model, pc.k, pc.batch_size, pc.value_dtype, threads)
              for r in todo]
     bar = tqdm(total=total, initial=total - sum(r.count for r in todo) * seq_len, unit="tok", unit_scale=True,
-               desc=f"precompute ({len(todo)} of {len(manifest.layout)} shards to do)", smoothing=0.1)
+               desc=f"precompute {source} ({len(todo)} of {len(manifest.layout)} shards to do)", smoothing=0.1)
     try:
         if not todo:
             pass
@@ -141,8 +147,8 @@ def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False) -> S
         signals.refresh_manifest()
     if not signals.manifest.complete:
         raise KdcacheError(f"precompute finished with {len(manifest.layout) - len(signals.manifest.shards)} "
-                           f"shards missing in {cfg.signals_dir}: rerun to resume")
+                           f"shards missing in {out_dir}: rerun to resume")
     mb = signals.nbytes() / 1e6
     print(f"precompute: {total} positions, top-{pc.k}, {mb:.1f} MB ({signals.nbytes() / total:.1f} B/token) "
-          f"-> {cfg.signals_dir}", flush=True)
+          f"-> {out_dir}", flush=True)
     return signals

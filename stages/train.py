@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, TrainConfig
+from pipeline.config import TEACHER_SOURCE, Config, TrainConfig
 from pipeline.errors import KdcacheError
 from stages.data import CachedKDDataset, Prefetcher
 from stages.losses import ObjectiveSpec, compute_objective
@@ -38,10 +38,11 @@ def objective_spec(tc: TrainConfig) -> ObjectiveSpec:
         raise KdcacheError(f"invalid config: {e}") from None
 
 
-def open_stores(cfg: Config) -> tuple[Store, Store]:
+def open_stores(cfg: Config, source: str = TEACHER_SOURCE) -> tuple[Store, Store]:
+    """The token store and the signal store of `source`, which must have been computed from those tokens."""
     tokens = Store.open(cfg.tokens_dir)
-    signals = Store.open(cfg.signals_dir, expect={"token_store": tokens.manifest.fingerprint(),
-                                                  "tokenizer": tokens.manifest.fingerprints["tokenizer"]})
+    signals = Store.open(cfg.signal_dir(source), expect={"token_store": tokens.manifest.fingerprint(),
+                                                         "tokenizer": tokens.manifest.fingerprints["tokenizer"]})
     return tokens, signals
 
 
@@ -132,8 +133,9 @@ def run(cfg: Config, resume: bool = True) -> Path:
     spec = objective_spec(tc)
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
-    tokens, signals = open_stores(cfg)
-    teacher_spec = signals.manifest.params["teacher"]
+    tokens, signals = open_stores(cfg, tc.source)
+    # layerdrop/random students and the saved tokenizer come from the teacher, whichever source the signal is
+    teacher_spec = cfg.precompute.teacher
 
     student = build_student(tc.student, teacher_spec, seed=tc.seed)
     check_student(student, signals, tc.student)

@@ -176,3 +176,23 @@ def test_report_has_readable_plots(tmp_path, cached_run, tiny_teacher):
 def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "holds no results to report" in capsys.readouterr().err
+
+
+def test_student_learns_from_another_named_source(tmp_path, cached_run, tiny_teacher, tiny_tokenizer):
+    # a second model with the teacher's tokenizer (an assistant, a committee member) cached as its own source
+    other = build_tiny_model(tmp_path / "assistant-model", tiny_tokenizer, layers=2, seed=1)
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.source": "assistant", "train.max_steps": 2})
+    store = precompute.run(cfg, source="assistant", model=str(other))
+    assert store.path == Path(cfg.run_dir) / "signals" / "assistant"
+    assert store.manifest.params["source"] == "assistant" and store.manifest.params["teacher"] == str(other)
+    teacher_store = precompute.run(cfg)  # the teacher's own cache is untouched: everything is already done
+    assert teacher_store.manifest.fingerprints["teacher"] != store.manifest.fingerprints["teacher"]
+    train.run(cfg)
+    assert [r["step"] for r in _log(cfg)] == [1, 2]
+
+
+def test_source_with_another_tokenizer_is_refused(tmp_path, cached_run, tiny_teacher):
+    other = build_tiny_model(tmp_path / "foreign", build_tokenizer(vocab_size=300), layers=1)
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher)
+    with pytest.raises(Exception, match="every source must share the tokenizer"):
+        precompute.run(cfg, source="member", model=str(other))
