@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from storage import Store, decode_topk
+from storage import Store, decode_signal
 
 
 def epoch_order(n_shards: int, shard_sizes: list[int], seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
@@ -49,7 +49,7 @@ class CachedKDDataset(IterableDataset):
         arrays = self.tokens.read_shard(name)
         out = {"input_ids": arrays["input_ids"].astype(np.int64), "loss_mask": arrays["loss_mask"].astype(bool)}
         if self.signals is not None:
-            sig = decode_topk(self.signals.read_shard(name))
+            sig = decode_signal(self.signals.read_shard(name), self.signals.manifest.params)
             out.update(sig_ids=sig["ids"], sig_logprobs=sig["logprobs"], sig_lognorm=sig["lognorm"])
         return out
 

@@ -19,7 +19,7 @@ from pipeline.errors import KdcacheError
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 from stages.runtime import pick_device
 from stages.signals import topk_signal, to_numpy_signal
-from storage import Manifest, Store, encode_topk
+from storage import Manifest, Store, encode_signal
 from storage.manifest import read_manifest
 
 _TEACHERS: dict = {}  # per worker process: teacher spec -> model, so each worker loads a source once
@@ -34,7 +34,7 @@ def _worker_teacher(spec: str, threads: int | None):
 
 
 def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, k: int, batch_size: int,
-                     value_dtype: str, threads: int | None = None) -> dict:
+                     value_encoding: str, threads: int | None = None) -> dict:
     """One task: the teacher's top-k signal for one token shard, committed into the signal store."""
     signals = Store(Path(signal_dir), read_manifest(Path(signal_dir)))
     tokens = Store(Path(token_dir), read_manifest(Path(token_dir)))
@@ -53,8 +53,8 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, k
             del logits
     ids, logprobs, lognorm = (torch.cat(p) for p in zip(*parts))              # (n, T, k), (n, T, k), (n, T)
     arrays = to_numpy_signal(ids, logprobs, lognorm)
-    record = signals.write_shard(name, encode_topk(arrays["ids"], arrays["logprobs"], arrays["lognorm"],
-                                                   signals.manifest.params["vocab_size"], value_dtype))
+    record = signals.write_shard(name, encode_signal("topk", arrays, signals.manifest.params["vocab_size"],
+                                                     value_encoding))
     return {"name": name, "tokens": n_tokens, "skipped": False, "seconds": time.perf_counter() - start,
             "checksum": record.checksum}
 
@@ -77,7 +77,8 @@ def signal_manifest(cfg: Config, tokens: Store) -> Manifest:
         kind="signals", backend=pc.backend,
         fingerprints={"teacher": model_fingerprint(pc.teacher), "tokenizer": teacher_tok,
                       "token_store": tokens.manifest.fingerprint()},
-        params={"signal": "topk", "k": pc.k, "value_dtype": pc.value_dtype, "temperature": 1.0,
+        params={"signal": "topk", "k": pc.k, "samples": None, "seed": None, "value_encoding": pc.value_encoding,
+                "temperature": 1.0,
                 "vocab_size": vocab_size, "seq_len": tokens.manifest.params["seq_len"], "teacher": pc.teacher,
                 "source": "teacher"},
         layout=tokens.manifest.layout,
@@ -112,7 +113,7 @@ def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False) -> S
     total = sum(r.count for r in manifest.layout) * seq_len
     threads = pc.threads_per_worker or max(1, (os.cpu_count() or 1) // pc.workers)
     tasks = [dask.delayed(precompute_shard, pure=True)(str(cfg.tokens_dir), str(cfg.signals_dir), r.name,
-                                                       pc.teacher, pc.k, pc.batch_size, pc.value_dtype, threads)
+                                                       pc.teacher, pc.k, pc.batch_size, pc.value_encoding, threads)
              for r in todo]
     bar = tqdm(total=total, initial=total - sum(r.count for r in todo) * seq_len, unit="tok", unit_scale=True,
                desc=f"precompute ({len(todo)} of {len(manifest.layout)} shards to do)", smoothing=0.1)

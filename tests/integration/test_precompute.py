@@ -25,7 +25,7 @@ def _store_bytes(path: Path) -> dict:
 def test_signals_equal_the_teachers_topk(tmp_path, tiny_teacher):
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", tiny_teacher, **{"precompute.value_dtype": "float32"}))
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", tiny_teacher, **{"precompute.value_encoding": "float32"}))
     prepare.run(cfg)
     signals = precompute.run(cfg)
     tokens = open_store(cfg.tokens_dir)
