@@ -1,6 +1,5 @@
 """Signal kinds sample / hybrid: extraction, seeding, unused slots in every loss, unbiasedness of the gradient."""
-import subprocess
-import sys
+import hashlib
 
 import numpy as np
 import pytest
@@ -60,7 +59,7 @@ def test_hybrid_survives_a_topk_holding_all_float32_mass():
     logits = torch.full((1, 2, V), -200.0)
     logits[..., :3] = 0.0                                                       # tail probs underflow to 0
     *_, tail_ids, tail_counts = hybrid_signal(logits, 3, 8, shard_generator(0, "x"))
-    assert (tail_counts.sum(-1) == 8).all() and (tail_ids >= 3).all()
+    assert (tail_counts.sum(-1) == 8).all() and (tail_ids[tail_counts > 0] >= 3).all()
 
 
 def test_sampling_is_seeded_per_shard_and_reproducible():
@@ -73,13 +72,12 @@ def test_sampling_is_seeded_per_shard_and_reproducible():
         assert not (c[0].shape == a[0].shape and torch.equal(c[0], a[0]) and torch.equal(c[1], a[1]))
 
 
-def test_shard_seed_does_not_depend_on_the_process():
-    code = ("from stages.signals import shard_generator; import torch; "
-            "print(torch.randint(0, 2**62, (4,), generator=shard_generator(7, 'train-00003')).tolist())")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": seed, "PATH": ""}, cwd=".").stdout for seed in ("1", "2")}
-    here = str(torch.randint(0, 2**62, (4,), generator=shard_generator(7, "train-00003")).tolist())
-    assert outs == {here + "\n"}
+def test_shard_seed_is_a_sha256_of_seed_and_shard_name():
+    # not Python's hash(), which is salted per process: every worker and every rerun must draw the same stream
+    digest = hashlib.sha256(b"7\0train-00003").digest()
+    want = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    assert torch.equal(torch.randint(0, 2**62, (4,), generator=shard_generator(7, "train-00003")),
+                       torch.randint(0, 2**62, (4,), generator=want))
 
 
 def test_concat_signals_pads_sampled_arrays_to_the_shard_width():
