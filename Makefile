@@ -13,7 +13,7 @@ OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
 S = $(RUN)/.stages
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean
+.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -40,7 +40,7 @@ demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train ->
 
 # Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
 # this cannot run; the pattern rule below then writes the stamps once kdcache is installed.
-ifeq ($(filter help install clean docs test test-fast,$(MAKECMDGOALS)),)
+ifeq ($(filter help install clean docs test test-fast bench-cache,$(MAKECMDGOALS)),)
 _ := $(shell $(KD) stamps $(OPTS) 2>/dev/null)
 endif
 $(S)/%.config: | $(STAMP)
@@ -69,6 +69,9 @@ $(S)/evaluate.done: $(S)/train.done $(S)/evaluate.config
 
 docs:  ## regenerate the README's CLI reference from the CLI's help texts
 	$(PYTHON) -m pipeline.clidoc README.md
+
+bench-cache: $(STAMP)  ## benchmark the signal kinds on the default teacher (runs/bench/cache.json + .md, ~20 min)
+	OMP_NUM_THREADS=2 $(PYTHON) -m benchmarks.cache
 
 clean:  ## delete the run folder
 	rm -rf $(RUN)

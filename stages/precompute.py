@@ -18,8 +18,8 @@ from pipeline.config import TEACHER_SOURCE, Config
 from pipeline.errors import KdcacheError
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 from stages.runtime import pick_device
-from stages.signals import topk_signal, to_numpy_signal
-from storage import Manifest, Store, encode_topk
+from stages.signals import concat_signals, extract_signal, shard_generator
+from storage import Manifest, Store, encode_signal
 from storage.manifest import read_manifest
 
 _TEACHERS: dict = {}  # per worker process: teacher spec -> model, so each worker loads a source once
@@ -33,9 +33,10 @@ def _worker_teacher(spec: str, threads: int | None):
     return _TEACHERS[spec]
 
 
-def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, k: int, batch_size: int,
-                     value_dtype: str, threads: int | None = None) -> dict:
-    """One task: the teacher's top-k signal for one token shard, committed into the signal store."""
+def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, batch_size: int,
+                     threads: int | None = None) -> dict:
+    """One task: the teacher's signal for one token shard, committed into the signal store. What is cached
+    (kind, k, N, value encoding, seed) is read from the store's manifest params."""
     signals = Store(Path(signal_dir), read_manifest(Path(signal_dir)))
     tokens = Store(Path(token_dir), read_manifest(Path(token_dir)))
     n_tokens = next(r.count for r in tokens.manifest.layout if r.name == name) * tokens.manifest.params["seq_len"]
@@ -44,17 +45,19 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, k
     start = time.perf_counter()
     model = _worker_teacher(teacher, threads)
     device = next(model.parameters()).device
+    params = signals.manifest.params
+    kind = params["signal"]
+    # one stream per shard, consumed batch after batch in order: the shard's draws do not depend on the worker
+    generator = shard_generator(params["seed"], name) if kind != "topk" else None
     input_ids = torch.from_numpy(tokens.read_shard(name, ["input_ids"])["input_ids"].astype("int64"))  # (n, T)
     parts = []
     with torch.inference_mode():
         for i in range(0, len(input_ids), batch_size):
             logits = model(input_ids[i:i + batch_size].to(device)).logits     # (b, T, V)
-            parts.append(topk_signal(logits, k))
+            parts.append(extract_signal(kind, logits, params["k"], params["samples"], generator))
             del logits
-    ids, logprobs, lognorm = (torch.cat(p) for p in zip(*parts))              # (n, T, k), (n, T, k), (n, T)
-    arrays = to_numpy_signal(ids, logprobs, lognorm)
-    record = signals.write_shard(name, encode_topk(arrays["ids"], arrays["logprobs"], arrays["lognorm"],
-                                                   signals.manifest.params["vocab_size"], value_dtype))
+    arrays = concat_signals(kind, parts)                                      # (n, T, ...) padded to the shard's M
+    record = signals.write_shard(name, encode_signal(kind, arrays, params["vocab_size"], params["value_encoding"]))
     return {"name": name, "tokens": n_tokens, "skipped": False, "seconds": time.perf_counter() - start,
             "checksum": record.checksum}
 
@@ -73,13 +76,19 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
                            f"{tokens.manifest.fingerprints['tokenizer']}: every source must share the tokenizer "
                            "the data was prepared with")
     vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
-    if pc.k > vocab_size:
+    if pc.signal != "sample" and pc.k > vocab_size:
         raise KdcacheError(f"precompute.k={pc.k} exceeds the {source}'s vocabulary ({vocab_size})")
+    if pc.signal == "hybrid" and pc.k >= vocab_size:
+        raise KdcacheError(f"precompute.k={pc.k} leaves no tail to sample in the {source}'s vocabulary "
+                           f"({vocab_size}): use signal topk or a smaller k")
+    sampled = pc.signal != "topk"
     return Manifest(
         kind="signals", backend=pc.backend,
         fingerprints={"teacher": model_fingerprint(model), "tokenizer": model_tok,
                       "token_store": tokens.manifest.fingerprint()},
-        params={"signal": "topk", "k": pc.k, "value_dtype": pc.value_dtype, "temperature": 1.0,
+        params={"signal": pc.signal, "k": pc.k if pc.signal != "sample" else None,
+                "samples": pc.samples if sampled else None, "seed": pc.seed if sampled else None,
+                "value_encoding": pc.value_encoding, "temperature": 1.0,
                 "vocab_size": vocab_size, "seq_len": tokens.manifest.params["seq_len"], "teacher": model,
                 "source": source},
         layout=tokens.manifest.layout,
@@ -118,7 +127,7 @@ def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, sour
     total = sum(r.count for r in manifest.layout) * seq_len
     threads = pc.threads_per_worker or max(1, (os.cpu_count() or 1) // pc.workers)
     tasks = [dask.delayed(precompute_shard, pure=True)(str(cfg.tokens_dir), str(out_dir), r.name,
-                                                       model, pc.k, pc.batch_size, pc.value_dtype, threads)
+                                                       model, pc.batch_size, threads)
              for r in todo]
     bar = tqdm(total=total, initial=total - sum(r.count for r in todo) * seq_len, unit="tok", unit_scale=True,
                desc=f"precompute {source} ({len(todo)} of {len(manifest.layout)} shards to do)", smoothing=0.1)
@@ -149,6 +158,8 @@ def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, sour
         raise KdcacheError(f"precompute finished with {len(manifest.layout) - len(signals.manifest.shards)} "
                            f"shards missing in {out_dir}: rerun to resume")
     mb = signals.nbytes() / 1e6
-    print(f"precompute: {total} positions, top-{pc.k}, {mb:.1f} MB ({signals.nbytes() / total:.1f} B/token) "
+    what = {"topk": f"top-{pc.k}", "sample": f"sample N={pc.samples}",
+            "hybrid": f"top-{pc.k} + N={pc.samples} tail draws"}[pc.signal]
+    print(f"precompute: {total} positions, {what}, {mb:.1f} MB ({signals.nbytes() / total:.1f} B/token) "
           f"-> {out_dir}", flush=True)
     return signals

@@ -216,7 +216,7 @@ def run(cfg: Config, overwrite: bool = False) -> Store:
 
     vocab_size = len(tokenizer)
     manifest = Manifest(
-        kind="tokens", backend="zarr",
+        kind="tokens", backend=pc.backend,
         fingerprints={"dataset": dataset_fingerprint(records), "tokenizer": tokenizer_fingerprint(tokenizer)},
         params={"dataset": pc.dataset, "format": fmt, "seq_len": pc.seq_len, "vocab_size": vocab_size,
                 "pad_id": pad_id(tokenizer), "eos_id": tokenizer.eos_token_id,

@@ -7,11 +7,13 @@ Public reading API (used by the trainer, `kdcache inspect` and outside tools ali
     >>> signals = open_store("runs/default/signals/teacher",
     ...                      expect={"token_store": tokens.manifest.fingerprint()})
     >>> seq = read_sequence(tokens, "validation", 0)     # {"input_ids": (T,), "loss_mask": (T,)}
-    >>> sig = read_sequence(signals, "validation", 0)    # {"ids": (T, K) int64, "logprobs": (T, K) float32,
+    >>> sig = read_sequence(signals, "validation", 0)    # {"ids": (T, C) int64, "logprobs": (T, C) float32,
     ...                                                  #  "lognorm": (T,) float32}
 
-Teacher probabilities of the support are exp(logprobs); the tail mass is 1 - exp(logprobs).sum(-1);
-teacher logits of the support are logprobs + lognorm[..., None].
+Every signal kind (topk, sample, hybrid; see storage.codecs) decodes to the same sparse target: teacher
+log-probability estimates over the full vocabulary of C ids per position, -inf marking an unused slot. For topk,
+exp(logprobs) are the exact support probabilities, the tail mass is 1 - exp(logprobs).sum(-1), and the teacher
+logits of the support are logprobs + lognorm[..., None].
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.codecs import decode_topk, encode_topk
+from storage.codecs import decode_signal, decode_topk, encode_signal, encode_topk
 from storage.errors import StoreError
 from storage.manifest import Manifest, ShardRecord
 from storage.store import Store, make_layout
 
-__all__ = ["Manifest", "ShardRecord", "Store", "StoreError", "decode_topk", "encode_topk", "make_layout",
-           "open_store", "read_sequence", "read_shard"]
+__all__ = ["Manifest", "ShardRecord", "Store", "StoreError", "decode_signal", "decode_topk", "encode_signal",
+           "encode_topk", "make_layout", "open_store", "read_sequence", "read_shard"]
 
 
 def open_store(path: str | Path, expect: dict | None = None) -> Store:
@@ -34,10 +36,10 @@ def open_store(path: str | Path, expect: dict | None = None) -> Store:
 
 
 def read_shard(store: Store, name: str) -> dict[str, np.ndarray]:
-    """All arrays of one shard, decoded (signal values as float32, ids as int64)."""
+    """All arrays of one shard; a signal shard decoded by `decode_signal` (ids int64, logprobs/lognorm float32)."""
     arrays = store.read_shard(name)
     if store.manifest.kind == "signals":
-        return decode_topk(arrays)
+        return decode_signal(arrays, store.manifest.params)
     return arrays
 
 

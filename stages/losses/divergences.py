@@ -9,7 +9,9 @@ the same C cells per position.
                           tail is shaped like the student's.
   sparse, tail="uniform"  cells = the V vocab ids; the teacher's tail mass is spread evenly over the V - K ids
                           off the support (needs the full student log-softmax)
-With K = V (any order) there is no tail and every mode equals the dense reference. The teacher at temperature tau
+With K = V (any order) there is no tail and every mode equals the dense reference. Unused slots of a sparse target
+(logprob -inf, the padding of sampled kinds) become cells with p = q = 0 (or are skipped by the uniform scatter),
+so a target with unused slots gives exactly the values and gradients of the same target without them. The teacher at temperature tau
 is defined in `targets.py`; the student is softmax(z / tau); KD losses are multiplied by tau**2 so gradient
 magnitudes do not shrink with tau (Hinton et al.). Every public loss is
     f(student_logits (N, V), target, mask (N,), *, tail=..., temperature=..., ...) -> (loss_sum, n_tokens)
@@ -24,7 +26,8 @@ from typing import Callable
 import torch
 
 from stages.losses.support import scaled_logits, support_logsumexp
-from stages.losses.targets import SparseTarget, Target, compute_dtype, teacher_support
+from stages.losses.targets import (SparseTarget, Target, compute_dtype, log_missing_ids, teacher_support,
+                                   unused_slots)
 
 TAIL_MODES = ("bucket", "renorm", "uniform")
 
@@ -46,22 +49,39 @@ def aligned_logprobs(student_logits: torch.Tensor, target: Target, *, tail: str 
         return logp, torch.log_softmax(scaled_logits(student_logits, temperature, dtype), dim=-1)
     vocab = student_logits.shape[-1]
     logp_s, log_r = teacher_support(target, vocab, temperature, dtype)         # (N, K), (N,) | None
+    unused = unused_slots(logp_s)                                              # (N, K)
     if tail == "renorm":
         # both sides renormalised over S: gather first, nothing vocab-sized is needed
         z_s = scaled_logits(student_logits.gather(-1, target.ids), temperature, dtype)  # (N, K)
-        return torch.log_softmax(logp_s, dim=-1), torch.log_softmax(z_s, dim=-1)
+        logq = torch.log_softmax(z_s.masked_fill(unused, -math.inf), dim=-1)  # unused ids are not normalised over
+        return _blank(torch.log_softmax(logp_s, dim=-1), logq, unused)
     if log_r is None:  # K == V: no tail, bucket and uniform are both the plain full-vocab divergence
         z_s, lse, _ = support_logsumexp(student_logits, target.ids, temperature, dtype, with_tail=False)
         return logp_s, z_s - lse[:, None]
     if tail == "bucket":
         # log(1 - Q_S) = logsumexp over the ids off the support - lse: exact, no cancellation when Q_S -> 1
         z_s, lse, lse_tail = support_logsumexp(student_logits, target.ids, temperature, dtype)  # (N, K), (N,) x2
-        return (torch.cat([logp_s, log_r[:, None]], dim=-1),                   # (N, K + 1)
-                torch.cat([z_s, lse_tail[:, None]], dim=-1) - lse[:, None])    # (N, K + 1)
+        cells_unused = torch.cat([unused, unused.new_zeros(len(unused), 1)], dim=-1)  # (N, K + 1)
+        return _blank(torch.cat([logp_s, log_r[:, None]], dim=-1),             # (N, K + 1)
+                      torch.cat([z_s, lse_tail[:, None]], dim=-1) - lse[:, None], cells_unused)
     # uniform: every missing id gets r / (V - K); the student needs its full log-softmax
-    per_id = (log_r - math.log(vocab - logp_s.shape[-1]))[:, None]             # (N, 1)
-    logp = per_id.expand(-1, vocab).scatter(-1, target.ids, logp_s)            # (N, V)
+    per_id = log_r - log_missing_ids(logp_s, vocab)                            # (N,)
+    # amax: an unused slot (-inf) repeats a used id and must not overwrite its value, whatever the write order
+    logp = per_id[:, None].expand(-1, vocab).scatter_reduce(-1, target.ids, logp_s, "amax", include_self=False)
     return logp, torch.log_softmax(scaled_logits(student_logits, temperature, dtype), dim=-1)
+
+
+# Unused slots (sampled kinds) become cells with p = q = 0 written as this finite log value, not -inf: every
+# divergence then adds exactly 0 there, and no backward ever sees -inf - -inf (logaddexp's gradient at two -inf is
+# NaN, and 0 * NaN stays NaN). exp(-1e4) is 0 in every float dtype.
+UNUSED_LOGPROB = -1e4
+
+
+def _blank(logp: torch.Tensor, logq: torch.Tensor, unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cells (N, C) with p = q = 0 and no gradient at `unused` (N, C); a no-op when nothing is unused."""
+    if not bool(unused.any()):
+        return logp, logq
+    return logp.masked_fill(unused, UNUSED_LOGPROB), logq.masked_fill(unused, UNUSED_LOGPROB)
 
 
 # ------------------------------------------------------------------------------- divergences on aligned cells

@@ -6,7 +6,8 @@ over, per position, the union of the teacher's top-k ids and the student's top-k
 batch-wide torch.unique; here the union is built per row: the student's top-k ids already among the teacher's
 top-k are masked out (an (N, k, k) comparison), so each row ranks between k and 2k distinct ids.
 Teacher values are tau=1 log-probs (ranks do not depend on the temperature); a student top-k id outside a sparse
-teacher's support gets the tail value log(r / (V - K)) (all such ids tie). The soft rank is a pairwise-sigmoid
+teacher's support gets the tail value log(r / (V - K)) (all such ids tie). Unused slots of a sampled target are
+no peaks: a row with fewer than k drawn ids ranks only those. The soft rank is a pairwise-sigmoid
 rank, rank_i = sum_j sigmoid((x_i - x_j) / rank_temperature), cheap for k <= 32 and differentiable (torchsort
 ships no wheels). L_rank lies in [0, 2]: 0 for identical orders, 2 for reversed ones.
 """
@@ -17,7 +18,7 @@ import math
 import torch
 
 from stages.losses.divergences import masked_sum
-from stages.losses.targets import SparseTarget, Target, compute_dtype, tail_logmass, teacher_topk
+from stages.losses.targets import SparseTarget, Target, compute_dtype, log_missing_ids, tail_logmass, teacher_topk
 
 RANK_TEMPERATURE = 0.1  # pairwise-sigmoid sharpness; differences of ~0.5 nat/logit already rank almost hard
 _VAR_EPS = 1e-12        # a row whose values all tie has no ordering: correlation 0 there instead of 0/0
@@ -58,22 +59,25 @@ def rank_rows(student_logits: torch.Tensor, target: Target, k: int = 5,
     vocab = student_logits.shape[-1]
     t_ids, t_vals = teacher_topk(target, k)                                    # (N, kt) each
     t_vals = t_vals.to(dtype)
-    kt = t_ids.shape[-1]
+    # a sampled row may hold fewer than k ids: its unused slots (-inf, a repeated id) are no teacher peaks
+    t_valid = ~torch.isneginf(t_vals)                                          # (N, kt)
     s_ids = torch.topk(student_logits.detach(), min(k, vocab), dim=-1).indices  # (N, ks)
-    shared = (s_ids[:, :, None] == t_ids[:, None, :]).any(-1)                  # (N, ks) already in teacher top-k
+    shared = ((s_ids[:, :, None] == t_ids[:, None, :]) & t_valid[:, None, :]).any(-1)  # (N, ks) in teacher top-k
     s_vals = _teacher_values_at(target, s_ids, dtype)                          # (N, ks)
     if isinstance(target, SparseTarget):  # student peaks off the support get the tail value
-        n_missing = vocab - target.ids.shape[-1]
-        tail_value = (tail_logmass(target.logprobs.detach().to(dtype)) - math.log(max(n_missing, 1)))
+        logp = target.logprobs.detach().to(dtype)                              # (N, K)
+        tail_value = tail_logmass(logp) - log_missing_ids(logp, vocab)         # (N,)
         s_vals = torch.where(torch.isinf(s_vals), tail_value[:, None], s_vals)  # (N, ks)
+        # finite stand-ins at unused slots (masked out of the ranks), so no -inf - -inf = NaN reaches a sigmoid
+        t_vals = torch.where(t_valid, t_vals, tail_value[:, None])            # (N, kt)
     union = torch.cat([t_ids, s_ids], dim=-1)                                  # (N, kt + ks)
-    valid = torch.cat([torch.ones_like(t_ids, dtype=torch.bool), ~shared], dim=-1)  # (N, kt + ks)
+    valid = torch.cat([t_valid, ~shared], dim=-1)                              # (N, kt + ks)
     teacher_values = torch.cat([t_vals, s_vals], dim=-1)                       # (N, kt + ks)
     # gather before upcasting: autograd then keeps only the input logits, no (N, V) float32 copy
     student_values = student_logits.gather(-1, union).to(dtype)                # (N, kt + ks)
     rho = spearman(soft_rank(teacher_values, valid, rank_temperature),
                    soft_rank(student_values, valid, rank_temperature), valid)  # (N,)
-    overlap = shared.sum(-1).to(dtype) / kt                                    # (N,)
+    overlap = shared.sum(-1).to(dtype) / t_valid.sum(-1).clamp(min=1).to(dtype)  # (N,)
     return 1 - rho, overlap
 
 

@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from stages.losses.divergences import masked_sum
-from stages.losses.targets import SparseTarget, Target, compute_dtype, teacher_support
+from stages.losses.divergences import UNUSED_LOGPROB, masked_sum
+from stages.losses.targets import SparseTarget, Target, compute_dtype, log_missing_ids, teacher_support, unused_slots
 
 
 def _teacher_full_logprobs(logq: torch.Tensor, target: SparseTarget, tail: str, temperature: float) -> torch.Tensor:
@@ -31,14 +31,20 @@ def _teacher_full_logprobs(logq: torch.Tensor, target: SparseTarget, tail: str, 
     vocab = logq.shape[-1]
     logp_s, log_r = teacher_support(target, vocab, temperature, logq.dtype)    # (N, K), (N,) | None
     if log_r is None:  # K == V: the support covers every id, every slot is overwritten
-        return torch.zeros_like(logq).scatter(-1, target.ids, logp_s)          # (N, V)
+        return _write_support(torch.zeros_like(logq), target.ids, logp_s)     # (N, V)
     if tail == "bucket":
         q = logq.detach()                                                      # (N, V)
         log_tail_q = torch.logsumexp(q.scatter(-1, target.ids, -math.inf), dim=-1)  # (N,) log(1 - Q_S)
         full = q + (log_r - log_tail_q)[:, None]                               # (N, V) student-shaped tail
     else:  # uniform
-        full = (log_r - math.log(vocab - logp_s.shape[-1]))[:, None].expand_as(logq)  # (N, V)
-    return full.scatter(-1, target.ids, logp_s)                                # (N, V)
+        full = (log_r - log_missing_ids(logp_s, vocab))[:, None].expand_as(logq)  # (N, V)
+    return _write_support(full, target.ids, logp_s)                            # (N, V)
+
+
+def _write_support(full: torch.Tensor, ids: torch.Tensor, logp_s: torch.Tensor) -> torch.Tensor:
+    """full (N, V) with the support's log-probs written at ids (N, K). amax, not scatter: an unused slot (-inf)
+    repeats a used id, and a plain scatter with duplicate ids keeps an arbitrary one of the values."""
+    return full.scatter_reduce(-1, ids, logp_s, "amax", include_self=False)
 
 
 def taid_rows(student_logits: torch.Tensor, target: Target, t: float, *, tail: str = "bucket",
@@ -50,8 +56,11 @@ def taid_rows(student_logits: torch.Tensor, target: Target, t: float, *, tail: s
         z = z / temperature
     if isinstance(target, SparseTarget) and tail == "renorm":
         logp_s, _ = teacher_support(target, z.shape[-1], temperature, z.dtype)  # (N, K)
-        logq = torch.log_softmax(z.gather(-1, target.ids), dim=-1)             # (N, K) renormalised over S
+        unused = unused_slots(logp_s)                                          # (N, K)
+        logq = torch.log_softmax(z.gather(-1, target.ids).masked_fill(unused, -math.inf), dim=-1)  # (N, K) over S
         teacher = torch.log_softmax(logp_s, dim=-1)                            # (N, K)
+        if bool(unused.any()):  # p_t = q = 0 there; finite, so (1 - t) * logq + t * teacher is never 0 * -inf
+            logq, teacher = logq.masked_fill(unused, UNUSED_LOGPROB), teacher.masked_fill(unused, UNUSED_LOGPROB)
     else:
         logq = torch.log_softmax(z, dim=-1)                                    # (N, V)
         if isinstance(target, SparseTarget):

@@ -25,7 +25,7 @@ def _store_bytes(path: Path) -> dict:
 def test_signals_equal_the_teachers_topk(tmp_path, tiny_teacher):
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", tiny_teacher, **{"precompute.value_dtype": "float32"}))
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", tiny_teacher, **{"precompute.value_encoding": "float32"}))
     prepare.run(cfg)
     signals = precompute.run(cfg)
     tokens = open_store(cfg.tokens_dir)
@@ -106,10 +106,12 @@ def test_sigkill_mid_run_then_rerun_completes_identically(tmp_path, tiny_tokeniz
 
 
 def test_local_cluster_writes_the_same_store_as_sync(tmp_path, tiny_teacher):
-    sync = load_config(None, tiny_overrides(tmp_path / "sync", tiny_teacher))
+    # the hybrid kind: exact top-k plus seeded draws, so two workers must also draw what the sync run drew
+    kind = {"precompute.signal": "hybrid", "precompute.k": 4, "precompute.samples": 16}
+    sync = load_config(None, tiny_overrides(tmp_path / "sync", tiny_teacher, **kind))
     prepare.run(sync)
     precompute.run(sync)
-    dist = load_config(None, tiny_overrides(tmp_path / "dist", tiny_teacher,
+    dist = load_config(None, tiny_overrides(tmp_path / "dist", tiny_teacher, **kind,
                                             **{"precompute.scheduler": "local", "precompute.workers": 2,
                                                "precompute.threads_per_worker": 1}))
     prepare.run(dist)

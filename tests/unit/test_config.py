@@ -25,6 +25,10 @@ def test_yaml_then_overrides(tmp_path):
     (["train.nope=1"], "unknown key train.nope"),
     (["nope.lr=1"], "invalid override nope.lr=1"),
     (["precompute.k=0"], "precompute.k must be >= 1"),
+    (["precompute.signal=dense"], "precompute.signal 'dense' is not one of topk, sample, hybrid"),
+    (["precompute.samples=0"], "precompute.samples must be in 1..255"),
+    (["precompute.samples=256"], "precompute.samples must be in 1..255"),
+    (["precompute.value_encoding=int4"], "precompute.value_encoding 'int4' is not one of"),
     (["train.tail=cut"], "train.tail 'cut' is not one of"),
     (["prepare.seq_len"], "use section.field=value"),
 ])

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from storage import Manifest, Store, StoreError, encode_topk, make_layout, open_store, read_sequence
+from storage import Manifest, Store, StoreError, decode_topk, encode_topk, make_layout, open_store, read_sequence
 from storage.manifest import read_manifest
 
 
@@ -118,9 +118,10 @@ def test_manifest_roundtrip_and_tampered_shard_name(tmp_path):
         store.shard_dir("../../etc")
 
 
-def test_topk_codec_uses_uint16_ids_and_fp16_values():
+def test_topk_codec_uses_uint16_or_packed_ids_and_fp16_values():
     ids = np.array([[[3, 70000 % 65536]]])
     out = encode_topk(ids, np.array([[[-0.1, -2.0]]], np.float32), np.array([[1.5]], np.float32), vocab_size=65536)
     assert out["ids"].dtype == np.uint16 and out["logprobs"].dtype == np.float16
     big = encode_topk(np.array([[[70000]]]), np.zeros((1, 1, 1), np.float32), np.zeros((1, 1), np.float32), 100000)
-    assert big["ids"].dtype == np.int32 and big["ids"][0, 0, 0] == 70000
+    assert big["ids"].dtype == np.uint8 and big["ids"].shape == (1, 1, 3)  # 17 bits, bit-packed
+    assert decode_topk(big, vocab_size=100000)["ids"][0, 0, 0] == 70000
