@@ -48,7 +48,12 @@ def ids_packed(vocab_size: int) -> bool:
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
-    """dtype of the stored id array: uint16, or uint8 bytes of bit-packed ids for larger vocabularies."""
+    """dtype of token ids in a token store: uint16 when the vocabulary fits, else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def signal_id_dtype(vocab_size: int) -> np.dtype:
+    """dtype of a signal store's id arrays: uint16, or uint8 bytes of bit-packed ids for larger vocabularies."""
     return np.dtype(np.uint16) if not ids_packed(vocab_size) else np.dtype(np.uint8)
 
 
@@ -286,7 +291,7 @@ def stored_arrays(params: dict) -> dict[str, tuple[str, int | None]]:
     what `kdcache verify` expects to find in every shard."""
     kind, vocab_size = params.get("signal", "topk"), params["vocab_size"]
     encoding = params.get("value_encoding", params.get("value_dtype", "float16"))
-    id_dt = id_dtype(vocab_size).name
+    id_dt = signal_id_dtype(vocab_size).name
     out: dict[str, tuple[str, int | None]] = {}
     if kind in ("topk", "hybrid"):
         k = params["k"]
