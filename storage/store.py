@@ -193,12 +193,27 @@ class Store:
         if verify:
             checksum, _ = shard_checksum(shard)
             if checksum != records[name].checksum:
-                raise StoreError(f"shard {shard} is corrupted (checksum {checksum[:19]} != manifest "
-                                 f"{records[name].checksum[:19]}): delete it and rerun the stage that writes it")
+                raise StoreError(f"shard {shard} is corrupted ({self._damaged_file(shard)}checksum {checksum[:19]} != "
+                                 f"manifest {records[name].checksum[:19]}): run `kdcache verify {self.path}`, "
+                                 "delete the shard and rerun the stage that writes it")
         try:
             return self.backend.read(self._data_path(shard), names)
         except Exception as e:  # a backend error on a verified shard means a damaged or foreign file
             raise StoreError(f"shard {shard} cannot be read ({type(e).__name__}: {e}): delete it and rerun") from e
+
+    @staticmethod
+    def _damaged_file(shard: Path) -> str:
+        """'file X differs, ' for the first data file whose bytes differ from the commit record (or '')."""
+        try:
+            recorded = json.loads((shard / COMMIT_NAME).read_text()).get("files") or {}
+        except (OSError, ValueError):
+            return ""
+        actual = file_checksums(shard)
+        for name in sorted(set(recorded) | set(actual)):
+            if recorded.get(name) != actual.get(name):
+                state = "is missing" if name not in actual else "is unexpected" if name not in recorded else "differs"
+                return f"file {name} {state}, "
+        return ""
 
     def refresh_manifest(self) -> Manifest:
         """Rewrite the manifest from the shards on disk; drop leftovers of killed writers."""
