@@ -8,11 +8,14 @@ so floats are shuffled and integers are not; inner chunks of 8 sequences instead
 """
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.api.asynchronous import open_group as open_group_async
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.sync import sync
 
 SUFFIX = ".zarr"
 CHUNK_SEQUENCES = 32
@@ -44,7 +47,15 @@ def write(path: Path, arrays: dict[str, np.ndarray], zstd_level: int = 3, chunk_
             out[...] = array
 
 
+async def _read(path: Path, names: list[str] | None) -> dict[str, np.ndarray]:
+    group = await open_group_async(store=str(path), mode="r")
+    if names is None:
+        names = sorted([name async for name in group.array_keys()])
+    arrays = await asyncio.gather(*(group.getitem(name) for name in names))
+    data = await asyncio.gather(*(a.getitem(...) for a in arrays))
+    return {name: np.asarray(a) for name, a in zip(names, data)}
+
+
 def read(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(path), mode="r")
-    names = names if names is not None else sorted(group.array_keys())
-    return {name: group[name][...] for name in names}
+    # all arrays in one trip to zarr's IO loop: per-array synchronous reads cost ~2x more (a thread handoff each)
+    return sync(_read(Path(path), names))

@@ -68,18 +68,25 @@ def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_ids(packed: np.ndarray, bits: int, count: int | None = None) -> np.ndarray:
     """Inverse of `pack_ids`: (..., B) uint8 -> (..., C) int64; C = floor(8B / bits) unless given (bits >= 8
-    makes that unambiguous)."""
+    makes that unambiguous). Each id is read as the 4 (or 8) bytes from its first byte on, as one little-endian
+    word, shifted and masked: a gather and three vector ops, no per-bit work."""
+    if not 1 <= bits <= 56:
+        raise StoreError(f"cannot unpack {bits}-bit ids (1..56 bits)")
     lead, nbytes = packed.shape[:-1], packed.shape[-1]
     c = count if count is not None else (8 * nbytes) // bits
-    flat = np.unpackbits(packed.reshape(-1, nbytes), axis=-1, bitorder="little")[:, :c * bits]       # (P, C*b)
-    bitplanes = flat.reshape(-1, c, bits)                                                            # (P, C, b)
-    weights = (np.int64(1) << np.arange(bits, dtype=np.int64))                                       # (b,)
-    # a small matmul: bits x weights summed per id (exact in int64)
-    ids = bitplanes.astype(np.int64) @ weights if c else np.zeros((bitplanes.shape[0], 0), np.int64)
-    return ids.reshape(*lead, c)
+    start = np.arange(c, dtype=np.int64) * bits                                                     # (C,) bit offsets
+    width, word = (4, np.uint32) if bits <= 25 else (8, np.uint64)  # an id spans <= 4 bytes when bits <= 25
+    rows = np.zeros((int(np.prod(lead, dtype=np.int64)), nbytes + width), np.uint8)                 # (P, B + w)
+    rows[:, :nbytes] = packed.reshape(-1, nbytes)
+    window = np.take(rows, ((start // 8)[:, None] + np.arange(width)).reshape(-1), axis=1)          # (P, C*w)
+    words = window.view(np.dtype(word).newbyteorder("<"))                                           # (P, C)
+    ids = (words >> (start % 8).astype(word)) & word((1 << bits) - 1)
+    return ids.astype(np.int64).reshape(*lead, c)
 
 
 def encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    if vocab_size > 2**32:
+        raise StoreError(f"vocab_size {vocab_size} exceeds 2**32 ids: not supported")
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise StoreError(f"signal ids out of range [0, {vocab_size}): min {ids.min()}, max {ids.max()}")
@@ -178,11 +185,18 @@ def _encode_counts(ids: np.ndarray, counts: np.ndarray, vocab_size: int, prefix:
     return {f"{prefix}ids": encode_ids(ids, vocab_size), f"{prefix}counts": counts.astype(np.uint8)}
 
 
-def _decode_counts(ids: np.ndarray, counts: np.ndarray, n_draws: int, weight: np.ndarray | float = 1.0):
-    """ids (n,T,M) int64, counts (n,T,M) uint8 -> ids with unused slots filled later, log(weight * count / N)."""
-    with np.errstate(divide="ignore"):
-        logprobs = np.log(counts.astype(np.float64) * (np.asarray(weight, np.float64)[..., None] / n_draws))
-    return logprobs.astype(np.float32)                                                            # (n, T, M)
+with np.errstate(divide="ignore"):
+    _LOG_COUNT = np.log(np.arange(MAX_SAMPLES + 1, dtype=np.float64)).astype(np.float32)  # log 0 = -inf: unused
+
+
+def _decode_counts(counts: np.ndarray, n_draws: int, weight: np.ndarray | None = None) -> np.ndarray:
+    """counts (n,T,M) uint8 -> log(weight * count / N) (n,T,M) float32, -inf for unused slots; weight (n,T)."""
+    logprobs = _LOG_COUNT[counts]                                                                  # (n, T, M)
+    offset = -np.log(np.float32(n_draws))
+    if weight is not None:
+        with np.errstate(divide="ignore"):
+            offset = offset + np.log(weight.astype(np.float32))[..., None]                          # (n, T, 1)
+    return logprobs + offset
 
 
 def _fill_unused(ids: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
@@ -263,7 +277,7 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
     if kind == "sample":
         counts = arrays["counts"]
         ids = decode_ids(arrays["ids"], vocab_size, counts.shape[-1])
-        logprobs = _decode_counts(ids, counts, params["samples"])
+        logprobs = _decode_counts(counts, params["samples"])
         lognorm = arrays["lognorm"].astype(np.float32) if "lognorm" in arrays else np.zeros(counts.shape[:-1], np.float32)
         return {"ids": _fill_unused(ids, logprobs), "logprobs": logprobs, "lognorm": lognorm}
     logprobs = _decode_values(arrays, value_encoding)                                              # (n, T, k)
@@ -274,7 +288,7 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
     tail_counts = arrays["tail_counts"]
     tail_ids = decode_ids(arrays["tail_ids"], vocab_size, tail_counts.shape[-1])                   # (n, T, M)
     residual = np.clip(1.0 - np.exp(logprobs.astype(np.float64)).sum(-1), 0.0, 1.0)                 # (n, T)
-    tail_logprobs = _decode_counts(tail_ids, tail_counts, params["samples"], residual)              # (n, T, M)
+    tail_logprobs = _decode_counts(tail_counts, params["samples"], residual)                        # (n, T, M)
     ids = np.concatenate([ids, tail_ids], -1)
     logprobs = np.concatenate([logprobs, tail_logprobs], -1)
     return {"ids": _fill_unused(ids, logprobs), "logprobs": logprobs, "lognorm": lognorm}

@@ -70,7 +70,7 @@ def test_int8_bound_holds_on_wide_and_degenerate_spans():
         quantise_logprobs(np.array([[0.0, -np.inf]], np.float32))
 
 
-@pytest.mark.parametrize("vocab", [100_000, 2**17, 2**20 + 3])
+@pytest.mark.parametrize("vocab", [100_000, 2**17, 2**20 + 3, 2**27])  # 2**27: ids span 5 bytes
 def test_bit_packing_round_trip(vocab):
     rng = np.random.default_rng(vocab)
     ids = rng.integers(0, vocab, (4, 7, 13))
@@ -79,7 +79,7 @@ def test_bit_packing_round_trip(vocab):
     packed = pack_ids(ids, bits)
     assert packed.dtype == np.uint8 and packed.shape == (4, 7, -(-13 * bits // 8))
     np.testing.assert_array_equal(unpack_ids(packed, bits), ids)
-    assert bits == {100_000: 17, 2**17: 17, 2**20 + 3: 21}[vocab]
+    assert bits == {100_000: 17, 2**17: 17, 2**20 + 3: 21, 2**27: 27}[vocab]
     empty = pack_ids(np.zeros((0, 5, 3), np.int64), bits)
     assert unpack_ids(empty, bits, 3).shape == (0, 5, 3)
 
