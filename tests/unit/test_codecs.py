@@ -47,7 +47,7 @@ def test_topk_round_trip(encoding, atol, vocab):
         np.testing.assert_array_equal(out["logprobs"][..., 0], sig["logprobs"][..., 0])
     else:
         np.testing.assert_allclose(out["logprobs"], sig["logprobs"], atol=atol, rtol=1e-3 if atol else 0)
-    assert ("deltas" in arrays) == (encoding == "int8")
+    assert ("steps" in arrays) == (encoding == "int8")
     assert arrays["ids"].dtype == (np.uint16 if vocab <= 2**16 else np.uint8)
     for name, (dtype, width) in stored_arrays(signal_params("topk", vocab, encoding, k=6)).items():
         assert arrays[name].dtype == np.dtype(dtype) and arrays[name].shape[:2] == (3, 5)
@@ -59,7 +59,7 @@ def test_int8_bound_holds_on_wide_and_degenerate_spans():
     lp = -np.sort(-(-np.abs(rng.standard_normal((2000, 16))) * rng.uniform(0.01, 40, (2000, 1))), -1).astype(np.float32)
     lp[0] = -0.5  # all ties: zero scale
     q = quantise_logprobs(lp)
-    back = dequantise_logprobs(q["top1"], q["scale"], q["deltas"])
+    back = dequantise_logprobs(q["top1"], q["scale"], q["steps"])
     span = lp[:, 0] - lp[:, -1]
     assert (np.abs(back - lp) <= (span / 510 * (1 + 2**-10) + 1e-5)[:, None]).all()
     assert (np.abs(back - lp) <= q["scale"].astype(np.float32)[:, None] / 2 + 1e-5).all()
