@@ -205,10 +205,9 @@ def _decode_counts(counts: np.ndarray, n_draws: int, weight: np.ndarray | None =
     return logprobs + offset
 
 
-def _fill_unused(ids: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
-    """Unused slots (-inf) repeat the row's first id, so they never alias a real vocabulary id."""
-    if ids.shape[-1]:
-        ids = np.where(np.isneginf(logprobs), ids[..., :1], ids)
+def _fill_unused(ids: np.ndarray, counts: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Unused slots (count 0) of ids (n,T,M) take the row's first id (n,T,1), so they never alias a real id."""
+    np.copyto(ids, first, where=counts == 0)
     return ids
 
 
@@ -285,7 +284,7 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
         ids = decode_ids(arrays["ids"], vocab_size, counts.shape[-1])
         logprobs = _decode_counts(counts, params["samples"])
         lognorm = arrays["lognorm"].astype(np.float32) if "lognorm" in arrays else np.zeros(counts.shape[:-1], np.float32)
-        return {"ids": _fill_unused(ids, logprobs), "logprobs": logprobs, "lognorm": lognorm}
+        return {"ids": _fill_unused(ids, counts, ids[..., :1]), "logprobs": logprobs, "lognorm": lognorm}
     logprobs = _decode_values(arrays, value_encoding)                                              # (n, T, k)
     ids = decode_ids(arrays["ids"], vocab_size, logprobs.shape[-1])                                 # (n, T, k)
     lognorm = arrays["lognorm"].astype(np.float32)                                                  # (n, T)
@@ -293,11 +292,11 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
         return {"ids": ids, "logprobs": logprobs, "lognorm": lognorm}
     tail_counts = arrays["tail_counts"]
     tail_ids = decode_ids(arrays["tail_ids"], vocab_size, tail_counts.shape[-1])                   # (n, T, M)
-    residual = np.clip(1.0 - np.exp(logprobs.astype(np.float64)).sum(-1), 0.0, 1.0)                 # (n, T)
+    residual = np.clip(1.0 - np.exp(logprobs).sum(-1, dtype=np.float64), 0.0, 1.0)                  # (n, T)
     tail_logprobs = _decode_counts(tail_counts, params["samples"], residual)                        # (n, T, M)
-    ids = np.concatenate([ids, tail_ids], -1)
-    logprobs = np.concatenate([logprobs, tail_logprobs], -1)
-    return {"ids": _fill_unused(ids, logprobs), "logprobs": logprobs, "lognorm": lognorm}
+    tail_ids = _fill_unused(tail_ids, tail_counts, ids[..., :1])
+    return {"ids": np.concatenate([ids, tail_ids], -1), "logprobs": np.concatenate([logprobs, tail_logprobs], -1),
+            "lognorm": lognorm}
 
 
 def signal_params(kind: str, vocab_size: int, value_encoding: str = "float16", k: int | None = None,
