@@ -279,6 +279,8 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
     value_encoding = params.get("value_encoding", params.get("value_dtype", "float16"))
     if kind not in KINDS:
         raise StoreError(f"unknown signal kind {kind!r} in the store's manifest: use one of {', '.join(KINDS)}")
+    if kind != "topk" and not isinstance(params.get("samples"), int):
+        raise StoreError(f"a {kind} signal needs params.samples (the number of draws N), got {params.get('samples')!r}")
     if kind == "sample":
         counts = arrays["counts"]
         ids = decode_ids(arrays["ids"], vocab_size, counts.shape[-1])
@@ -297,6 +299,20 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
     tail_ids = _fill_unused(tail_ids, tail_counts, ids[..., :1])
     return {"ids": np.concatenate([ids, tail_ids], -1), "logprobs": np.concatenate([logprobs, tail_logprobs], -1),
             "lognorm": lognorm}
+
+
+def pad_signal(decoded: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """A decoded signal with C < width entries per position -> width entries, the new slots unused (the row's first
+    id, logprob -inf): so targets of shards with different M stack into one batch."""
+    ids, logprobs = decoded["ids"], decoded["logprobs"]
+    extra = width - ids.shape[-1]
+    if extra < 0:
+        raise StoreError(f"cannot pad a signal of {ids.shape[-1]} entries per position to {width}")
+    if extra == 0:
+        return decoded
+    first = ids[..., :1] if ids.shape[-1] else np.zeros(ids.shape[:-1] + (1,), ids.dtype)
+    return {**decoded, "ids": np.concatenate([ids, np.repeat(first, extra, -1)], -1),
+            "logprobs": np.concatenate([logprobs, np.full(logprobs.shape[:-1] + (extra,), -np.inf, np.float32)], -1)}
 
 
 def signal_params(kind: str, vocab_size: int, value_encoding: str = "float16", k: int | None = None,

@@ -146,6 +146,8 @@ def test_arrow_backend_and_int8_values_end_to_end(tmp_path, tiny_teacher):
     assert (np.abs(sig["logprobs"] - want_vals.numpy()) <= bound).all()
     converted = convert_store(cfg.signals_dir, tmp_path / "zarr-signals", "zarr")
     assert converted.manifest.fingerprint() == signals.manifest.fingerprint()
+    zarr_tokens = convert_store(cfg.tokens_dir, tmp_path / "zarr-tokens", "zarr")  # signals still match them
+    open_store(tmp_path / "zarr-signals", expect={"token_store": zarr_tokens.manifest.fingerprint()})
     np.testing.assert_array_equal(read_shard(converted, name)["logprobs"], sig["logprobs"])
     train.run(cfg)
     assert (cfg.student_dir / "final").exists()

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from storage import StoreError, decode_signal, encode_signal
-from storage.codecs import (dequantise_logprobs, id_bits, pack_ids, quantise_logprobs, signal_params, stored_arrays,
-                            unpack_ids)
+from storage.codecs import (dequantise_logprobs, id_bits, pack_ids, pad_signal, quantise_logprobs, signal_params,
+                            stored_arrays, unpack_ids)
 
 
 def _topk(rng, n=3, t=5, k=6, vocab=1000):
@@ -171,3 +171,18 @@ def test_zero_size_shard_encodes_and_decodes():
                 out = decode_signal(encode_signal(kind, sig, vocab, encoding),
                                     signal_params(kind, vocab, encoding, k=3, samples=5))
                 assert out["ids"].shape[:2] == (0, 4) and out["lognorm"].shape == (0, 4)
+
+
+def test_pad_signal_adds_unused_slots_and_missing_samples_is_refused():
+    rng = np.random.default_rng(5)
+    ids, counts = _draws(rng, n_draws=20)
+    arrays = encode_signal("sample", {"ids": ids, "counts": counts}, 1000)
+    out = decode_signal(arrays, signal_params("sample", 1000, samples=20))
+    wide = pad_signal(out, out["ids"].shape[-1] + 3)
+    assert wide["ids"].shape == (3, 5, out["ids"].shape[-1] + 3)
+    assert np.isneginf(wide["logprobs"][..., -3:]).all() and (wide["ids"][..., -3:] == out["ids"][..., :1]).all()
+    np.testing.assert_array_equal(wide["logprobs"][..., :out["ids"].shape[-1]], out["logprobs"])
+    with pytest.raises(StoreError, match="cannot pad"):
+        pad_signal(out, 1)
+    with pytest.raises(StoreError, match="needs params.samples"):
+        decode_signal(arrays, signal_params("sample", 1000))
