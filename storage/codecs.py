@@ -33,7 +33,6 @@ from storage.errors import StoreError
 
 KINDS = ("topk", "sample", "hybrid")
 VALUE_ENCODINGS = ("float16", "float32", "int8")
-VALUE_DTYPES = ("float16", "float32")  # the float encodings (kept for callers of encode_topk)
 MAX_SAMPLES = 255  # counts are uint8
 
 

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from stages.inspect import describe
 from storage import Manifest, Store, StoreError, encode_signal, make_layout, open_store, read_shard
 from storage.tools import convert_store, verify_store
 
