@@ -130,6 +130,40 @@ def inspect(store: str, as_json: bool):
 
 
 @cli.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def verify(store: str, as_json: bool):
+    """Check every shard of a store (present, committed, checksums, readable, shapes) and its manifest; list ALL
+    problems, one line each. Exit code 0 when clean, 1 when there are problems."""
+    from storage.tools import verify_store
+
+    problems, checked = verify_store(Path(store), progress=not as_json)
+    if as_json:
+        click.echo(json.dumps({"path": store, "ok": not problems, "shards_checked": checked, "problems": problems},
+                              indent=1))
+    else:
+        for line in problems:
+            click.echo(line)
+        click.echo(f"{store}: {checked} shards checked, " + (f"{len(problems)} problems" if problems else "ok"),
+                   err=bool(problems))
+    if problems:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--backend", type=click.Choice(["zarr", "arrow"]), required=True, help="Backend of the new store.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at DST made from other inputs.")
+def convert(src: str, dst: str, backend: str, overwrite: bool):
+    """Rewrite a store into another backend at DST, shard by shard (same arrays and fingerprint; resumable)."""
+    from storage.tools import convert_store
+
+    store = convert_store(Path(src), Path(dst), backend, overwrite=overwrite)
+    click.echo(f"convert: {len(store.manifest.shards)} shards, {store.nbytes() / 1e6:.1f} MB ({backend}) -> {dst}")
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(), default="runs/default")
 def report(run_dir: str):
     """Markdown + HTML report with PNG plots of a run folder or a folder of runs (RUN/report)."""

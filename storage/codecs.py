@@ -12,7 +12,8 @@ Stored arrays (the codec's business; `encode_signal` writes them, `decode_signal
                              bits each, bit-packed little-endian per position
     logprobs      (n, T, k)  float16 / float32 (value_encoding float16 / float32)
     top1, scale,  (n, T) float32, (n, T) float16, (n, T, k-1) uint8 (value_encoding int8): logprob_i =
-    deltas                   top1 - deltas_i * scale for i >= 2 (logprob_1 = top1); see `quantise_logprobs`
+    steps                    top1 - (steps_2 + ... + steps_i) * scale for i >= 2 (logprob_1 = top1); see
+                             `quantise_logprobs`
     lognorm       (n, T)     float32
     counts        (n, T, M)  uint8 (sample): draws of each id, most drawn first, 0 = unused slot (stored id 0)
     tail_ids, tail_counts    (hybrid): like ids/counts of `sample`, draws from the tail renormalised
@@ -32,7 +33,6 @@ from storage.errors import StoreError
 
 KINDS = ("topk", "sample", "hybrid")
 VALUE_ENCODINGS = ("float16", "float32", "int8")
-VALUE_DTYPES = ("float16", "float32")  # the float encodings (kept for callers of encode_topk)
 MAX_SAMPLES = 255  # counts are uint8
 
 
@@ -48,7 +48,12 @@ def ids_packed(vocab_size: int) -> bool:
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
-    """dtype of the stored id array: uint16, or uint8 bytes of bit-packed ids for larger vocabularies."""
+    """dtype of token ids in a token store: uint16 when the vocabulary fits, else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def signal_id_dtype(vocab_size: int) -> np.dtype:
+    """dtype of a signal store's id arrays: uint16, or uint8 bytes of bit-packed ids for larger vocabularies."""
     return np.dtype(np.uint16) if not ids_packed(vocab_size) else np.dtype(np.uint8)
 
 
@@ -63,18 +68,25 @@ def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_ids(packed: np.ndarray, bits: int, count: int | None = None) -> np.ndarray:
     """Inverse of `pack_ids`: (..., B) uint8 -> (..., C) int64; C = floor(8B / bits) unless given (bits >= 8
-    makes that unambiguous)."""
+    makes that unambiguous). Each id is read as the 4 (or 8) bytes from its first byte on, as one little-endian
+    word, shifted and masked: a gather and three vector ops, no per-bit work."""
+    if not 1 <= bits <= 56:
+        raise StoreError(f"cannot unpack {bits}-bit ids (1..56 bits)")
     lead, nbytes = packed.shape[:-1], packed.shape[-1]
     c = count if count is not None else (8 * nbytes) // bits
-    flat = np.unpackbits(packed.reshape(-1, nbytes), axis=-1, bitorder="little")[:, :c * bits]       # (P, C*b)
-    bitplanes = flat.reshape(-1, c, bits)                                                            # (P, C, b)
-    weights = (np.int64(1) << np.arange(bits, dtype=np.int64))                                       # (b,)
-    # a small matmul: bits x weights summed per id (exact in int64)
-    ids = bitplanes.astype(np.int64) @ weights if c else np.zeros((bitplanes.shape[0], 0), np.int64)
-    return ids.reshape(*lead, c)
+    start = np.arange(c, dtype=np.int64) * bits                                                     # (C,) bit offsets
+    width, word = (4, np.uint32) if bits <= 25 else (8, np.uint64)  # an id spans <= 4 bytes when bits <= 25
+    rows = np.zeros((int(np.prod(lead, dtype=np.int64)), nbytes + width), np.uint8)                 # (P, B + w)
+    rows[:, :nbytes] = packed.reshape(-1, nbytes)
+    window = np.take(rows, ((start // 8)[:, None] + np.arange(width)).reshape(-1), axis=1)          # (P, C*w)
+    words = window.view(np.dtype(word).newbyteorder("<"))                                           # (P, C)
+    ids = (words >> (start % 8).astype(word)) & word((1 << bits) - 1)
+    return ids.astype(np.int64).reshape(*lead, c)
 
 
 def encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    if vocab_size > 2**32:
+        raise StoreError(f"vocab_size {vocab_size} exceeds 2**32 ids: not supported")
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise StoreError(f"signal ids out of range [0, {vocab_size}): min {ids.min()}, max {ids.max()}")
@@ -92,35 +104,40 @@ def decode_ids(stored: np.ndarray, vocab_size: int, count: int | None = None) ->
 # ---- top-k values ----------------------------------------------------------------------------------------------
 
 def quantise_logprobs(logprobs: np.ndarray) -> dict[str, np.ndarray]:
-    """Sorted log-probs (..., k) -> 8-bit deltas from the top-1 with a per-position scale.
+    """Sorted log-probs (..., k) -> 8-bit offsets from the top-1 with a per-position scale, stored as steps.
 
-    d_i = l_1 - l_i >= 0 (l_1 >= l_i: sorted descending); scale = max_i d_i / 255, rounded UP to float16 so every
-    q_i = round(d_i / scale) fits in 0..255. Round-trip error |l_i' - l_i| <= scale / 2 (+ float32 rounding),
-    i.e. at most max_i d_i / 510 * (1 + 2**-10): for a top-16 spanning 10 nats, 0.02 nats (2% of that p_i).
-    The top-1 is stored exactly (float32), so it needs no delta.
+    d_i = l_1 - l_i >= 0 is non-decreasing in i (sorted descending); scale = max_i d_i / 255, rounded UP to float16
+    so every q_i = round(d_i / scale) fits in 0..255. Round-trip error |l_i' - l_i| <= scale / 2 (+ float32
+    rounding), i.e. at most (l_1 - l_k) / 510 * (1 + 2**-10): for a top-16 spanning 10 nats, 0.02 nats (2% of
+    that p_i). The top-1 is stored exactly (float32). q is non-decreasing, so it is stored losslessly as its steps
+    q_i - q_(i-1) (q_1 = 0): small numbers that zstd shrinks by a quarter more than q itself (measured).
     """
     logprobs = np.asarray(logprobs, np.float32)
     if logprobs.size and not np.isfinite(logprobs).all():
         raise StoreError("int8 value encoding needs finite log-probs: use value_encoding float32 for -inf entries")
     top1 = logprobs[..., 0] if logprobs.shape[-1] else np.zeros(logprobs.shape[:-1], np.float32)     # (...,)
-    deltas = top1[..., None] - logprobs[..., 1:]                                                      # (..., k-1)
-    if deltas.size and deltas.min() < -1e-6 * max(1.0, float(np.abs(top1).max())):
-        raise StoreError("int8 value encoding needs log-probs sorted descending per position")
-    deltas = np.maximum(deltas, 0)
-    span = deltas.max(-1) if deltas.shape[-1] else np.zeros(top1.shape, np.float32)                  # (...,)
+    if logprobs.size and logprobs.shape[-1] > 1:
+        tolerance = 1e-6 * max(1.0, float(np.abs(logprobs).max()))
+        if np.diff(logprobs, axis=-1).max() > tolerance:
+            raise StoreError("int8 value encoding needs log-probs sorted descending per position")
+    # within the tolerance, float noise could unsort d: the running max makes it monotone again
+    deltas = np.maximum.accumulate(np.maximum(top1[..., None] - logprobs[..., 1:], 0), axis=-1)    # (..., k-1)
+    span = deltas[..., -1] if deltas.shape[-1] else np.zeros(top1.shape, np.float32)               # (...,)
     scale = (span / 255).astype(np.float16)
     low = scale.astype(np.float32) < span / 255
     scale[low] = np.nextafter(scale[low], np.float16(np.inf))  # round up so span / scale <= 255
     safe = np.where(scale > 0, scale.astype(np.float32), 1.0)
-    q = np.clip(np.rint(deltas / safe[..., None]), 0, 255).astype(np.uint8)                          # (..., k-1)
-    return {"top1": top1.astype(np.float32), "scale": scale, "deltas": q}
+    q = np.clip(np.rint(deltas / safe[..., None]), 0, 255).astype(np.int16)                         # (..., k-1)
+    steps = np.diff(q, axis=-1, prepend=np.zeros(q.shape[:-1] + (1,), np.int16)).astype(np.uint8)
+    return {"top1": top1.astype(np.float32), "scale": scale, "steps": steps}
 
 
-def dequantise_logprobs(top1: np.ndarray, scale: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+def dequantise_logprobs(top1: np.ndarray, scale: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """(...,), (...,), (..., k-1) -> log-probs (..., k) float32."""
-    out = np.empty(deltas.shape[:-1] + (deltas.shape[-1] + 1,), np.float32)                          # (..., k)
+    out = np.empty(steps.shape[:-1] + (steps.shape[-1] + 1,), np.float32)                            # (..., k)
     out[..., 0] = top1
-    np.multiply(deltas, scale.astype(np.float32)[..., None], out=out[..., 1:])
+    q = np.cumsum(steps, axis=-1, dtype=np.int16)                                                     # (..., k-1)
+    np.multiply(q, scale.astype(np.float32)[..., None], out=out[..., 1:])
     np.subtract(top1[..., None], out[..., 1:], out=out[..., 1:])
     return out
 
@@ -133,7 +150,7 @@ def _encode_values(logprobs: np.ndarray, value_encoding: str) -> dict[str, np.nd
 
 def _decode_values(arrays: dict[str, np.ndarray], value_encoding: str) -> np.ndarray:
     if value_encoding == "int8":
-        return dequantise_logprobs(arrays["top1"], arrays["scale"], arrays["deltas"])
+        return dequantise_logprobs(arrays["top1"], arrays["scale"], arrays["steps"])
     return arrays["logprobs"].astype(np.float32)
 
 
@@ -173,17 +190,23 @@ def _encode_counts(ids: np.ndarray, counts: np.ndarray, vocab_size: int, prefix:
     return {f"{prefix}ids": encode_ids(ids, vocab_size), f"{prefix}counts": counts.astype(np.uint8)}
 
 
-def _decode_counts(ids: np.ndarray, counts: np.ndarray, n_draws: int, weight: np.ndarray | float = 1.0):
-    """ids (n,T,M) int64, counts (n,T,M) uint8 -> ids with unused slots filled later, log(weight * count / N)."""
-    with np.errstate(divide="ignore"):
-        logprobs = np.log(counts.astype(np.float64) * (np.asarray(weight, np.float64)[..., None] / n_draws))
-    return logprobs.astype(np.float32)                                                            # (n, T, M)
+with np.errstate(divide="ignore"):
+    _LOG_COUNT = np.log(np.arange(MAX_SAMPLES + 1, dtype=np.float64)).astype(np.float32)  # log 0 = -inf: unused
 
 
-def _fill_unused(ids: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
-    """Unused slots (-inf) repeat the row's first id, so they never alias a real vocabulary id."""
-    if ids.shape[-1]:
-        ids = np.where(np.isneginf(logprobs), ids[..., :1], ids)
+def _decode_counts(counts: np.ndarray, n_draws: int, weight: np.ndarray | None = None) -> np.ndarray:
+    """counts (n,T,M) uint8 -> log(weight * count / N) (n,T,M) float32, -inf for unused slots; weight (n,T)."""
+    logprobs = _LOG_COUNT[counts]                                                                  # (n, T, M)
+    offset = -np.log(np.float32(n_draws))
+    if weight is not None:
+        with np.errstate(divide="ignore"):
+            offset = offset + np.log(weight.astype(np.float32))[..., None]                          # (n, T, 1)
+    return logprobs + offset
+
+
+def _fill_unused(ids: np.ndarray, counts: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Unused slots (count 0) of ids (n,T,M) take the row's first id (n,T,1), so they never alias a real id."""
+    np.copyto(ids, first, where=counts == 0)
     return ids
 
 
@@ -255,12 +278,14 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
     value_encoding = params.get("value_encoding", params.get("value_dtype", "float16"))
     if kind not in KINDS:
         raise StoreError(f"unknown signal kind {kind!r} in the store's manifest: use one of {', '.join(KINDS)}")
+    if kind != "topk" and not isinstance(params.get("samples"), int):
+        raise StoreError(f"a {kind} signal needs params.samples (the number of draws N), got {params.get('samples')!r}")
     if kind == "sample":
         counts = arrays["counts"]
         ids = decode_ids(arrays["ids"], vocab_size, counts.shape[-1])
-        logprobs = _decode_counts(ids, counts, params["samples"])
+        logprobs = _decode_counts(counts, params["samples"])
         lognorm = arrays["lognorm"].astype(np.float32) if "lognorm" in arrays else np.zeros(counts.shape[:-1], np.float32)
-        return {"ids": _fill_unused(ids, logprobs), "logprobs": logprobs, "lognorm": lognorm}
+        return {"ids": _fill_unused(ids, counts, ids[..., :1]), "logprobs": logprobs, "lognorm": lognorm}
     logprobs = _decode_values(arrays, value_encoding)                                              # (n, T, k)
     ids = decode_ids(arrays["ids"], vocab_size, logprobs.shape[-1])                                 # (n, T, k)
     lognorm = arrays["lognorm"].astype(np.float32)                                                  # (n, T)
@@ -268,11 +293,25 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
         return {"ids": ids, "logprobs": logprobs, "lognorm": lognorm}
     tail_counts = arrays["tail_counts"]
     tail_ids = decode_ids(arrays["tail_ids"], vocab_size, tail_counts.shape[-1])                   # (n, T, M)
-    residual = np.clip(1.0 - np.exp(logprobs.astype(np.float64)).sum(-1), 0.0, 1.0)                 # (n, T)
-    tail_logprobs = _decode_counts(tail_ids, tail_counts, params["samples"], residual)              # (n, T, M)
-    ids = np.concatenate([ids, tail_ids], -1)
-    logprobs = np.concatenate([logprobs, tail_logprobs], -1)
-    return {"ids": _fill_unused(ids, logprobs), "logprobs": logprobs, "lognorm": lognorm}
+    residual = np.clip(1.0 - np.exp(logprobs).sum(-1, dtype=np.float64), 0.0, 1.0)                  # (n, T)
+    tail_logprobs = _decode_counts(tail_counts, params["samples"], residual)                        # (n, T, M)
+    tail_ids = _fill_unused(tail_ids, tail_counts, ids[..., :1])
+    return {"ids": np.concatenate([ids, tail_ids], -1), "logprobs": np.concatenate([logprobs, tail_logprobs], -1),
+            "lognorm": lognorm}
+
+
+def pad_signal(decoded: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """A decoded signal with C < width entries per position -> width entries, the new slots unused (the row's first
+    id, logprob -inf): so targets of shards with different M stack into one batch."""
+    ids, logprobs = decoded["ids"], decoded["logprobs"]
+    extra = width - ids.shape[-1]
+    if extra < 0:
+        raise StoreError(f"cannot pad a signal of {ids.shape[-1]} entries per position to {width}")
+    if extra == 0:
+        return decoded
+    first = ids[..., :1] if ids.shape[-1] else np.zeros(ids.shape[:-1] + (1,), ids.dtype)
+    return {**decoded, "ids": np.concatenate([ids, np.repeat(first, extra, -1)], -1),
+            "logprobs": np.concatenate([logprobs, np.full(logprobs.shape[:-1] + (extra,), -np.inf, np.float32)], -1)}
 
 
 def signal_params(kind: str, vocab_size: int, value_encoding: str = "float16", k: int | None = None,
@@ -286,13 +325,13 @@ def stored_arrays(params: dict) -> dict[str, tuple[str, int | None]]:
     what `kdcache verify` expects to find in every shard."""
     kind, vocab_size = params.get("signal", "topk"), params["vocab_size"]
     encoding = params.get("value_encoding", params.get("value_dtype", "float16"))
-    id_dt = id_dtype(vocab_size).name
+    id_dt = signal_id_dtype(vocab_size).name
     out: dict[str, tuple[str, int | None]] = {}
     if kind in ("topk", "hybrid"):
         k = params["k"]
         out["ids"] = (id_dt, -(-k * id_bits(vocab_size) // 8) if ids_packed(vocab_size) else k)
         if encoding == "int8":
-            out.update(top1=("float32", None), scale=("float16", None), deltas=("uint8", k - 1))
+            out.update(top1=("float32", None), scale=("float16", None), steps=("uint8", k - 1))
         else:
             out["logprobs"] = (encoding, k)
         out["lognorm"] = ("float32", None)

@@ -34,6 +34,7 @@ class ShardRecord:
     count: int
     checksum: str = ""  # sha256 over the shard's data files, "" until the shard is written
     nbytes: int = 0
+    content: str = ""   # sha256 over the shard's arrays (backend-independent), "" until written
 
     @staticmethod
     def from_dict(d: dict) -> "ShardRecord":
@@ -91,11 +92,12 @@ class Manifest:
         return Manifest(**d)
 
     def fingerprint(self) -> str:
-        """A fingerprint of the store's content: its inputs, parameters and committed shard checksums."""
+        """A fingerprint of the store's content: its inputs, parameters and committed shards' array contents
+        (not their file bytes, so the fingerprint survives `kdcache convert` to another backend)."""
         import hashlib
 
         body = json.dumps([self.kind, self.fingerprints, self.params,
-                           sorted((s.name, s.checksum) for s in self.shards)], sort_keys=True)
+                           sorted((s.name, s.content or s.checksum) for s in self.shards)], sort_keys=True)
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()[:32]
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import _zarr
+from storage import _arrow, _zarr
 from storage.errors import StoreError
 from storage.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest, write_manifest
 
-BACKENDS = {"zarr": _zarr}
+BACKENDS = {"zarr": _zarr, "arrow": _arrow}
 COMMIT_NAME = "_commit.json"
 SHARDS_DIR = "shards"
 
@@ -38,6 +38,12 @@ def _data_files(shard_dir: Path) -> list[Path]:
     return sorted(p for p in shard_dir.rglob("*") if p.is_file() and p.name != COMMIT_NAME)
 
 
+def file_checksums(shard_dir: Path) -> dict[str, str]:
+    """relative path -> sha256 of each data file of a shard (so `kdcache verify` can name a damaged file)."""
+    return {p.relative_to(shard_dir).as_posix(): "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in _data_files(shard_dir)}
+
+
 def shard_checksum(shard_dir: Path) -> tuple[str, int]:
     """sha256 over the shard's data files (relative path and bytes, in sorted order) and their total size."""
     digest = hashlib.sha256()
@@ -49,6 +55,17 @@ def shard_checksum(shard_dir: Path) -> tuple[str, int]:
         digest.update(data)
         nbytes += len(data)
     return "sha256:" + digest.hexdigest(), nbytes
+
+
+def content_hash(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the arrays themselves (names, dtypes, shapes, values): the same for every backend, so a store
+    converted to another backend keeps its fingerprint."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode() + b"\0")
+        digest.update(a.tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -133,7 +150,8 @@ class Store:
             commit = self.shard_dir(rec.name) / COMMIT_NAME
             if commit.exists():
                 info = json.loads(commit.read_text())
-                out[rec.name] = replace(rec, checksum=info["checksum"], nbytes=info["nbytes"])
+                out[rec.name] = replace(rec, checksum=info["checksum"], nbytes=info["nbytes"],
+                                        content=info.get("content", ""))
         return out
 
     def write_shard(self, name: str, arrays: dict[str, np.ndarray]) -> ShardRecord:
@@ -148,7 +166,10 @@ class Store:
             self.backend.write(self._data_path(tmp), arrays)
             _fsync_tree(tmp)
             checksum, nbytes = shard_checksum(tmp)
-            (tmp / COMMIT_NAME).write_text(json.dumps({"name": name, "checksum": checksum, "nbytes": nbytes}))
+            content = content_hash(arrays)
+            (tmp / COMMIT_NAME).write_text(json.dumps({"name": name, "checksum": checksum, "nbytes": nbytes,
+                                                       "content": content, "files": file_checksums(tmp)},
+                                                      indent=1, sort_keys=True))
             if final.exists():
                 existing = json.loads((final / COMMIT_NAME).read_text())["checksum"] \
                     if (final / COMMIT_NAME).exists() else None
@@ -160,7 +181,7 @@ class Store:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return replace(layout[name], checksum=checksum, nbytes=nbytes)
+        return replace(layout[name], checksum=checksum, nbytes=nbytes, content=content)
 
     def read_shard(self, name: str, names: list[str] | None = None, verify: bool = True) -> dict[str, np.ndarray]:
         """Read a committed shard's arrays; with verify, refuse it unless its bytes match the manifest checksum."""
@@ -172,12 +193,27 @@ class Store:
         if verify:
             checksum, _ = shard_checksum(shard)
             if checksum != records[name].checksum:
-                raise StoreError(f"shard {shard} is corrupted (checksum {checksum[:19]} != manifest "
-                                 f"{records[name].checksum[:19]}): delete it and rerun the stage that writes it")
+                raise StoreError(f"shard {shard} is corrupted ({self._damaged_file(shard)}checksum {checksum[:19]} != "
+                                 f"manifest {records[name].checksum[:19]}): run `kdcache verify {self.path}`, "
+                                 "delete the shard and rerun the stage that writes it")
         try:
             return self.backend.read(self._data_path(shard), names)
         except Exception as e:  # a backend error on a verified shard means a damaged or foreign file
             raise StoreError(f"shard {shard} cannot be read ({type(e).__name__}: {e}): delete it and rerun") from e
+
+    @staticmethod
+    def _damaged_file(shard: Path) -> str:
+        """'file X differs, ' for the first data file whose bytes differ from the commit record (or '')."""
+        try:
+            recorded = json.loads((shard / COMMIT_NAME).read_text()).get("files") or {}
+        except (OSError, ValueError):
+            return ""
+        actual = file_checksums(shard)
+        for name in sorted(set(recorded) | set(actual)):
+            if recorded.get(name) != actual.get(name):
+                state = "is missing" if name not in actual else "is unexpected" if name not in recorded else "differs"
+                return f"file {name} {state}, "
+        return ""
 
     def refresh_manifest(self) -> Manifest:
         """Rewrite the manifest from the shards on disk; drop leftovers of killed writers."""

@@ -117,3 +117,39 @@ def test_local_cluster_writes_the_same_store_as_sync(tmp_path, tiny_teacher):
     prepare.run(dist)
     precompute.run(dist)
     assert _store_bytes(sync.signals_dir) == _store_bytes(dist.signals_dir)
+
+
+def test_arrow_backend_and_int8_values_end_to_end(tmp_path, tiny_teacher):
+    """prepare + precompute into Arrow stores with int8 values: verified clean, the teacher's top-k within the
+    int8 bound, convertible to Zarr with the same fingerprint, and trainable."""
+    from transformers import AutoModelForCausalLM
+
+    from stages import train
+    from storage.tools import convert_store, verify_store
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", tiny_teacher, **{
+        "prepare.backend": "arrow", "precompute.backend": "arrow", "precompute.value_encoding": "int8",
+        "train.max_steps": 2, "train.checkpoint_every": 2}))
+    prepare.run(cfg)
+    signals = precompute.run(cfg)
+    tokens = open_store(cfg.tokens_dir)
+    assert tokens.manifest.backend == signals.manifest.backend == "arrow"
+    assert (cfg.signals_dir / "shards" / signals.manifest.shards[0].name / "data.arrow").exists()
+    assert verify_store(cfg.tokens_dir) == ([], len(tokens.manifest.layout))
+    assert verify_store(cfg.signals_dir)[0] == []
+    name = signals.manifest.shards[0].name
+    ids = torch.from_numpy(tokens.read_shard(name)["input_ids"].astype(np.int64))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()(ids).logits, -1)
+    want_vals, want_ids = torch.topk(logprobs, 8, dim=-1)
+    sig = read_shard(signals, name)
+    np.testing.assert_array_equal(sig["ids"], want_ids.numpy())
+    bound = (want_vals[..., :1] - want_vals[..., -1:]).numpy() / 510 * (1 + 2**-10) + 1e-5
+    assert (np.abs(sig["logprobs"] - want_vals.numpy()) <= bound).all()
+    converted = convert_store(cfg.signals_dir, tmp_path / "zarr-signals", "zarr")
+    assert converted.manifest.fingerprint() == signals.manifest.fingerprint()
+    zarr_tokens = convert_store(cfg.tokens_dir, tmp_path / "zarr-tokens", "zarr")  # signals still match them
+    open_store(tmp_path / "zarr-signals", expect={"token_store": zarr_tokens.manifest.fingerprint()})
+    np.testing.assert_array_equal(read_shard(converted, name)["logprobs"], sig["logprobs"])
+    train.run(cfg)
+    assert (cfg.student_dir / "final").exists()

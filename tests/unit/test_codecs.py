@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from storage import StoreError, decode_signal, encode_signal
-from storage.codecs import (dequantise_logprobs, id_bits, pack_ids, quantise_logprobs, signal_params, stored_arrays,
-                            unpack_ids)
+from storage.codecs import (dequantise_logprobs, id_bits, pack_ids, pad_signal, quantise_logprobs, signal_params,
+                            stored_arrays, unpack_ids)
 
 
 def _topk(rng, n=3, t=5, k=6, vocab=1000):
@@ -47,7 +47,7 @@ def test_topk_round_trip(encoding, atol, vocab):
         np.testing.assert_array_equal(out["logprobs"][..., 0], sig["logprobs"][..., 0])
     else:
         np.testing.assert_allclose(out["logprobs"], sig["logprobs"], atol=atol, rtol=1e-3 if atol else 0)
-    assert ("deltas" in arrays) == (encoding == "int8")
+    assert ("steps" in arrays) == (encoding == "int8")
     assert arrays["ids"].dtype == (np.uint16 if vocab <= 2**16 else np.uint8)
     for name, (dtype, width) in stored_arrays(signal_params("topk", vocab, encoding, k=6)).items():
         assert arrays[name].dtype == np.dtype(dtype) and arrays[name].shape[:2] == (3, 5)
@@ -59,7 +59,7 @@ def test_int8_bound_holds_on_wide_and_degenerate_spans():
     lp = -np.sort(-(-np.abs(rng.standard_normal((2000, 16))) * rng.uniform(0.01, 40, (2000, 1))), -1).astype(np.float32)
     lp[0] = -0.5  # all ties: zero scale
     q = quantise_logprobs(lp)
-    back = dequantise_logprobs(q["top1"], q["scale"], q["deltas"])
+    back = dequantise_logprobs(q["top1"], q["scale"], q["steps"])
     span = lp[:, 0] - lp[:, -1]
     assert (np.abs(back - lp) <= (span / 510 * (1 + 2**-10) + 1e-5)[:, None]).all()
     assert (np.abs(back - lp) <= q["scale"].astype(np.float32)[:, None] / 2 + 1e-5).all()
@@ -70,7 +70,7 @@ def test_int8_bound_holds_on_wide_and_degenerate_spans():
         quantise_logprobs(np.array([[0.0, -np.inf]], np.float32))
 
 
-@pytest.mark.parametrize("vocab", [100_000, 2**17, 2**20 + 3])
+@pytest.mark.parametrize("vocab", [100_000, 2**17, 2**20 + 3, 2**27])  # 2**27: ids span 5 bytes
 def test_bit_packing_round_trip(vocab):
     rng = np.random.default_rng(vocab)
     ids = rng.integers(0, vocab, (4, 7, 13))
@@ -79,7 +79,7 @@ def test_bit_packing_round_trip(vocab):
     packed = pack_ids(ids, bits)
     assert packed.dtype == np.uint8 and packed.shape == (4, 7, -(-13 * bits // 8))
     np.testing.assert_array_equal(unpack_ids(packed, bits), ids)
-    assert bits == {100_000: 17, 2**17: 17, 2**20 + 3: 21}[vocab]
+    assert bits == {100_000: 17, 2**17: 17, 2**20 + 3: 21, 2**27: 27}[vocab]
     empty = pack_ids(np.zeros((0, 5, 3), np.int64), bits)
     assert unpack_ids(empty, bits, 3).shape == (0, 5, 3)
 
@@ -171,3 +171,18 @@ def test_zero_size_shard_encodes_and_decodes():
                 out = decode_signal(encode_signal(kind, sig, vocab, encoding),
                                     signal_params(kind, vocab, encoding, k=3, samples=5))
                 assert out["ids"].shape[:2] == (0, 4) and out["lognorm"].shape == (0, 4)
+
+
+def test_pad_signal_adds_unused_slots_and_missing_samples_is_refused():
+    rng = np.random.default_rng(5)
+    ids, counts = _draws(rng, n_draws=20)
+    arrays = encode_signal("sample", {"ids": ids, "counts": counts}, 1000)
+    out = decode_signal(arrays, signal_params("sample", 1000, samples=20))
+    wide = pad_signal(out, out["ids"].shape[-1] + 3)
+    assert wide["ids"].shape == (3, 5, out["ids"].shape[-1] + 3)
+    assert np.isneginf(wide["logprobs"][..., -3:]).all() and (wide["ids"][..., -3:] == out["ids"][..., :1]).all()
+    np.testing.assert_array_equal(wide["logprobs"][..., :out["ids"].shape[-1]], out["logprobs"])
+    with pytest.raises(StoreError, match="cannot pad"):
+        pad_signal(out, 1)
+    with pytest.raises(StoreError, match="needs params.samples"):
+        decode_signal(arrays, signal_params("sample", 1000))

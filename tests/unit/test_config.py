@@ -45,3 +45,14 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(KdcacheError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_store_backends_and_value_encodings():
+    cfg = load_config(None, ["prepare.backend=arrow", "precompute.backend=arrow", "precompute.value_encoding=int8"])
+    assert (cfg.prepare.backend, cfg.precompute.backend, cfg.precompute.value_encoding) == ("arrow", "arrow", "int8")
+    assert (Config().prepare.backend, Config().precompute.value_encoding) == ("zarr", "float16")
+    for overrides, message in [(["precompute.backend=parquet"], "precompute.backend 'parquet' is not one of zarr, arrow"),
+                               (["prepare.backend=hdf5"], "prepare.backend 'hdf5' is not one of zarr, arrow"),
+                               (["precompute.value_encoding=int4"], "value_encoding 'int4' is not one of float16")]:
+        with pytest.raises(KdcacheError, match=message):
+            load_config(None, overrides)

@@ -1,0 +1,242 @@
+"""Store tools: `verify` (every problem of a store, one line each) and `convert` (to the other backend)."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from storage.codecs import KINDS, MAX_SAMPLES, VALUE_ENCODINGS, decode_signal, id_dtype, stored_arrays
+from storage.errors import StoreError
+from storage.manifest import MANIFEST_NAME, Manifest, code_version, read_manifest
+from storage.store import (BACKENDS, COMMIT_NAME, SHARDS_DIR, Store, content_hash, file_checksums,
+                           shard_checksum)
+
+SIGNAL_FINGERPRINTS = ("teacher", "tokenizer", "token_store")
+TOKEN_FINGERPRINTS = ("dataset", "tokenizer")
+
+
+# ---- verify ----------------------------------------------------------------------------------------------------
+
+def manifest_problems(m: Manifest, raw: dict) -> list[str]:
+    """What is inconsistent inside a manifest (names `manifest.json` and the field)."""
+    where = MANIFEST_NAME
+    out = []
+    if m.kind not in ("tokens", "signals"):
+        out.append(f"{where}: kind {m.kind!r} is not tokens or signals")
+    if m.backend not in BACKENDS:
+        out.append(f"{where}: backend {m.backend!r} is not one of {', '.join(sorted(BACKENDS))}")
+    names = [r.name for r in m.layout]
+    if len(set(names)) != len(names):
+        out.append(f"{where}: the layout lists a shard twice")
+    layout = {r.name: r for r in m.layout}
+    for s in m.shards:
+        want = layout.get(s.name)
+        if want is None:
+            out.append(f"{where}: committed shard {s.name} is not in the layout")
+        elif (s.split, s.start, s.count) != (want.split, want.start, want.count):
+            out.append(f"{where}: shard {s.name} covers {s.split}[{s.start}:{s.start + s.count}] but the layout says "
+                       f"{want.split}[{want.start}:{want.start + want.count}]")
+    for split in sorted({r.split for r in m.layout}):
+        ranges = sorted((r.start, r.count) for r in m.layout if r.split == split)
+        position = 0
+        for start, count in ranges:
+            if start != position:
+                out.append(f"{where}: split {split} has a gap or overlap at sequence {position} (next shard starts "
+                           f"at {start})")
+                break
+            position = start + count
+    if raw.get("complete") is not None and raw["complete"] != m.complete:
+        out.append(f"{where}: says complete={raw['complete']} but lists {len(m.shards)} of {len(m.layout)} shards")
+    p = m.params
+    for key in ("seq_len", "vocab_size"):
+        if not isinstance(p.get(key), int) or p[key] < 1:
+            out.append(f"{where}: params.{key} is {p.get(key)!r}, not a positive integer")
+    wanted_fps = SIGNAL_FINGERPRINTS if m.kind == "signals" else TOKEN_FINGERPRINTS if m.kind == "tokens" else ()
+    for key in wanted_fps:
+        if not m.fingerprints.get(key):
+            out.append(f"{where}: fingerprints.{key} is missing")
+    if m.kind == "signals":
+        kind = p.get("signal")
+        encoding = p.get("value_encoding", p.get("value_dtype"))
+        if kind not in KINDS:
+            out.append(f"{where}: params.signal {kind!r} is not one of {', '.join(KINDS)}")
+        if kind in ("topk", "hybrid"):
+            if encoding not in VALUE_ENCODINGS:
+                out.append(f"{where}: params.value_encoding {encoding!r} is not one of {', '.join(VALUE_ENCODINGS)}")
+            k = p.get("k")
+            if not isinstance(k, int) or k < 1 or (isinstance(p.get("vocab_size"), int) and k > p["vocab_size"]):
+                out.append(f"{where}: params.k is {k!r}, not in 1..vocab_size")
+        if kind in ("sample", "hybrid"):
+            n = p.get("samples")
+            if not isinstance(n, int) or not 1 <= n <= MAX_SAMPLES:
+                out.append(f"{where}: params.samples is {n!r}, not in 1..{MAX_SAMPLES}")
+    return out
+
+
+def _expected_arrays(m: Manifest) -> dict[str, tuple[str, int | None]] | None:
+    """name -> (dtype, trailing size / None for (n, T) / -1 for any) or None when the kind is unknown."""
+    if m.kind == "tokens":
+        return {"input_ids": (id_dtype(m.params["vocab_size"]).name, None), "loss_mask": ("uint8", None)}
+    if m.kind == "signals":
+        return stored_arrays(m.params)
+    return None
+
+
+def array_problems(m: Manifest, count: int, arrays: dict[str, np.ndarray], where: str) -> list[str]:
+    """Shapes and dtypes a shard of `count` sequences must have under manifest `m`, and a decode check."""
+    try:
+        expected = _expected_arrays(m)
+    except (KeyError, TypeError, ValueError) as e:
+        return [f"{where}: cannot tell which arrays to expect from the manifest params ({e})"]
+    if expected is None:
+        return []
+    out = []
+    optional = {"lognorm"} if m.params.get("signal") == "sample" else set()
+    for name in sorted(set(arrays) - set(expected) - optional):
+        out.append(f"{where}: unexpected array {name!r}")
+    widths = {}
+    for name, (dtype, width) in expected.items():
+        if name not in arrays:
+            out.append(f"{where}: array {name!r} is missing")
+            continue
+        a = arrays[name]
+        lead = (count, m.params["seq_len"])
+        if width is None:
+            want_shape = lead
+        elif width == -1:
+            want_shape = lead + (a.shape[-1] if a.ndim == 3 else "M",)
+            widths[name] = a.shape[-1] if a.ndim == 3 else None
+        else:
+            want_shape = lead + (width,)
+        if tuple(a.shape) != want_shape or a.dtype != np.dtype(dtype):
+            out.append(f"{where}: array {name!r} is {a.dtype}{list(a.shape)} but the manifest implies "
+                       f"{dtype}{list(want_shape)}")
+    for ids, counts in (("ids", "counts"), ("tail_ids", "tail_counts")):
+        if counts in widths and ids in widths and widths[ids] != widths[counts]:
+            out.append(f"{where}: {ids!r} and {counts!r} have {widths[ids]} and {widths[counts]} slots")
+    if out or m.kind != "signals":
+        return out
+    for counts in ("counts", "tail_counts"):
+        if counts in arrays and arrays[counts].size:
+            sums = arrays[counts].astype(np.int64).sum(-1)
+            if (sums != m.params["samples"]).any():
+                out.append(f"{where}: {counts!r} sum to {int(sums.min())}..{int(sums.max())} draws at some positions, "
+                           f"not params.samples = {m.params['samples']}")
+    try:
+        ids = decode_signal(arrays, m.params)["ids"]
+        if ids.size and (ids.min() < 0 or ids.max() >= m.params["vocab_size"]):
+            out.append(f"{where}: ids outside [0, {m.params['vocab_size']})")
+    except Exception as e:  # noqa: BLE001 - any decode failure is a problem to report, not to crash on
+        out.append(f"{where}: does not decode ({type(e).__name__}: {e})")
+    return out
+
+
+def _shard_problems(store: Store, rec, committed_record) -> list[str]:
+    shard_dir = store.shard_dir(rec.name)
+    where = f"{shard_dir}"
+    if not shard_dir.exists():
+        state = "the manifest lists it as committed" if committed_record else "never written: rerun the stage"
+        return [f"{where}: shard missing ({state})"]
+    commit = shard_dir / COMMIT_NAME
+    if not commit.exists():
+        return [f"{commit}: missing, the shard is not committed (delete {shard_dir} and rerun the stage)"]
+    try:
+        info = json.loads(commit.read_text())
+        recorded_sum, recorded_files = info["checksum"], info.get("files")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return [f"{commit}: not a valid commit record ({e})"]
+    out = []
+    if committed_record is None:
+        out.append(f"{where}: committed on disk but not listed in {MANIFEST_NAME} (rerun the stage to refresh it)")
+    elif committed_record.checksum != recorded_sum:
+        out.append(f"{store.path / MANIFEST_NAME}: shard {rec.name} checksum {committed_record.checksum[:19]} differs "
+                   f"from its commit record {recorded_sum[:19]}")
+    damage = []
+    if recorded_files is not None:
+        actual = file_checksums(shard_dir)
+        for name in sorted(set(recorded_files) | set(actual)):
+            if name not in actual:
+                damage.append(f"{shard_dir / name}: file missing")
+            elif name not in recorded_files:
+                damage.append(f"{shard_dir / name}: unexpected file (not in the commit record)")
+            elif actual[name] != recorded_files[name]:
+                damage.append(f"{shard_dir / name}: checksum mismatch, the file is corrupted")
+    if not damage and shard_checksum(shard_dir)[0] != recorded_sum:
+        damage.append(f"{where}: checksum mismatch, the shard is corrupted")
+    out += damage
+    if damage:
+        return out
+    try:
+        arrays = store.backend.read(store._data_path(shard_dir))
+    except Exception as e:  # noqa: BLE001
+        return out + [f"{where}: unreadable ({type(e).__name__}: {e})"]
+    if info.get("content") and content_hash(arrays) != info["content"]:
+        out.append(f"{where}: the arrays read back differ from what was written (content hash)")
+    return out + array_problems(store.manifest, rec.count, arrays, where)
+
+
+def verify_store(path: str | Path, progress: bool = False) -> tuple[list[str], int]:
+    """All problems of a store (one line each, naming the file and the problem) and how many shards were checked."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+        raw = json.loads((path / MANIFEST_NAME).read_text())
+    except StoreError as e:
+        return [str(e)], 0
+    except (TypeError, ValueError) as e:
+        return [f"{path / MANIFEST_NAME}: not a valid manifest ({e})"], 0
+    problems = manifest_problems(manifest, raw)
+    if manifest.backend not in BACKENDS:
+        return problems, 0
+    store = Store(path, manifest)
+    committed = {s.name: s for s in manifest.shards}
+    checked = 0
+    for rec in tqdm(manifest.layout, desc="verify", unit="shard", disable=not progress):
+        try:
+            problems += _shard_problems(store, rec, committed.get(rec.name))
+        except StoreError as e:
+            problems.append(f"{path / MANIFEST_NAME}: {e}")
+        checked += 1
+    layout = {r.name for r in manifest.layout}
+    shards_dir = path / SHARDS_DIR
+    if not shards_dir.is_dir():
+        problems.append(f"{shards_dir}: missing")
+    else:
+        for entry in sorted(shards_dir.iterdir()):
+            if entry.name.startswith(".tmp-"):
+                problems.append(f"{entry}: leftover of a killed writer (the next run of the stage removes it)")
+            elif entry.name not in layout:
+                problems.append(f"{entry}: not a shard of this store's layout")
+    for entry in sorted(path.iterdir()):
+        if entry.name not in (MANIFEST_NAME, SHARDS_DIR):
+            problems.append(f"{entry}: unexpected file in the store")
+    return problems, checked
+
+
+# ---- convert ---------------------------------------------------------------------------------------------------
+
+def convert_store(src: str | Path, dst: str | Path, backend: str, overwrite: bool = False) -> Store:
+    """Rewrite a complete store shard by shard into `backend` at `dst` (same arrays, new files and checksums, same
+    fingerprint). Resumable: shards already converted are skipped."""
+    src, dst = Path(src), Path(dst)
+    if backend not in BACKENDS:
+        raise StoreError(f"unknown storage backend {backend!r}: use one of {', '.join(sorted(BACKENDS))}")
+    if src.resolve() == dst.resolve():
+        raise StoreError(f"convert needs a new destination, not the source {src}")
+    source = Store.open(src)
+    manifest = replace(source.manifest, backend=backend, shards=(), code_version=code_version())
+    target = Store.create(dst, manifest, overwrite=overwrite)
+    done = target.committed()
+    todo = [r for r in source.manifest.shards if r.name not in done]
+    try:
+        for rec in tqdm(todo, desc=f"convert to {backend}", unit="shard", disable=not todo):
+            written = target.write_shard(rec.name, source.read_shard(rec.name))
+            if rec.content and written.content != rec.content:
+                raise StoreError(f"shard {rec.name} converted to different arrays ({written.content[:19]} vs "
+                                 f"{rec.content[:19]}): report this as a bug")
+    finally:
+        target.refresh_manifest()
+    return target
