@@ -13,7 +13,7 @@ OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
 S = $(RUN)/.stages
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean
+.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean experiment-objectives
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -40,7 +40,7 @@ demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train ->
 
 # Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
 # this cannot run; the pattern rule below then writes the stamps once kdcache is installed.
-ifeq ($(filter help install clean docs test test-fast,$(MAKECMDGOALS)),)
+ifeq ($(filter help install clean docs test test-fast experiment-%,$(MAKECMDGOALS)),)
 _ := $(shell $(KD) stamps $(OPTS) 2>/dev/null)
 endif
 $(S)/%.config: | $(STAMP)
@@ -66,6 +66,9 @@ $(S)/train.done: $(S)/precompute.done $(S)/train.config
 
 $(S)/evaluate.done: $(S)/train.done $(S)/evaluate.config
 	$(KD) evaluate $(OPTS)
+
+experiment-objectives: $(STAMP)  ## SFT vs KL vs TAID (adaptive, linear t) vs KL+RLKD on one cache (runs/experiments/objectives)
+	$(PYTHON) -m benchmarks.objectives
 
 docs:  ## regenerate the README's CLI reference from the CLI's help texts
 	$(PYTHON) -m pipeline.clidoc README.md

@@ -117,14 +117,14 @@ def interleaved_step_times(configs: dict[str, Config], rounds: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--student", default="layerdrop:6")
     parser.add_argument("--train-sequences", type=int, default=160)
     parser.add_argument("--validation-sequences", type=int, default=32)
-    parser.add_argument("--timing-rounds", type=int, default=5)
+    parser.add_argument("--timing-rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=None, help="comma-separated slugs (ce,kl,taid,taid-linear,rlkd-kl)")
     args = parser.parse_args(argv)
