@@ -13,7 +13,7 @@ OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
 S = $(RUN)/.stages
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache bench-store
+.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache bench-store experiment-objectives
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -40,7 +40,7 @@ demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train ->
 
 # Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
 # this cannot run; the pattern rule below then writes the stamps once kdcache is installed.
-ifeq ($(filter help install clean docs test test-fast bench-cache bench-store,$(MAKECMDGOALS)),)
+ifeq ($(filter help install clean docs test test-fast bench-% experiment-%,$(MAKECMDGOALS)),)
 _ := $(shell $(KD) stamps $(OPTS) 2>/dev/null)
 endif
 $(S)/%.config: | $(STAMP)
@@ -72,6 +72,9 @@ bench-store: $(STAMP)  ## bytes/token of a top-16 cache per value encoding and b
 	$(KD) prepare --run-dir $(BENCH_STORE)
 	OMP_NUM_THREADS=1 $(KD) precompute --run-dir $(BENCH_STORE) -s precompute.k=16 -s precompute.value_encoding=float32
 	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.store_size --store $(BENCH_STORE)/signals/teacher --out runs/bench-store
+
+experiment-objectives: $(STAMP)  ## SFT vs KL vs TAID (adaptive, linear t) vs KL+RLKD on one cache (runs/experiments/objectives)
+	$(PYTHON) -m benchmarks.objectives
 
 docs:  ## regenerate the README's CLI reference from the CLI's help texts
 	$(PYTHON) -m pipeline.clidoc README.md

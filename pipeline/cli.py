@@ -66,14 +66,22 @@ def precompute(cfg: Config, scheduler: str | None, overwrite: bool):
 
 @cli.command()
 @config_options
-@click.option("--loss", default=None, help="Objective, e.g. kl, ce (shorthand for -s train.loss=...).")
+@click.option("--loss", default=None,
+              help="Objective: ce, kl, rkl, jsd, tvd, skl, srkl, taid, rlkd or rlkd+<kl|rkl|...> "
+                   "(shorthand for -s train.loss=...).")
+@click.option("--no-adaptive", is_flag=True,
+              help="TAID with the linear t schedule only (shorthand for -s train.taid_adaptive=false).")
 @click.option("--no-resume", is_flag=True, help="Start from step 0 even if checkpoints exist.")
-def train(cfg: Config, loss: str | None, no_resume: bool):
+def train(cfg: Config, loss: str | None, no_adaptive: bool, no_resume: bool):
     """Train the student from the cached signal (RUN/student); resumes from the last checkpoint."""
     from stages import train as stage
 
     if loss is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=loss))
+    if no_adaptive:
+        if cfg.train.loss != "taid":
+            raise KdcacheError(f"--no-adaptive applies to --loss taid only, not {cfg.train.loss!r}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, taid_adaptive=False))
     stage.run(cfg, resume=not no_resume)
     mark_done(cfg, "train")
 

@@ -87,10 +87,20 @@ class PrecomputeConfig:
 class TrainConfig:
     student: str = "layerdrop:6"       # layerdrop:N (N teacher layers, evenly spaced) | random:N | local dir / hub id
     source: str = "teacher"            # which cached signal the student learns from: RUN/signals/<source>
-    loss: str = "kl"
+    loss: str = "kl"                   # ce | kl | rkl | jsd | tvd | skl | srkl | taid | rlkd | rlkd+<kl, rkl, ...>
     tail: str = "bucket"               # bucket | renorm | uniform: how the teacher mass outside the top-k is handled
-    temperature: float = 1.0
+    temperature: float = 1.0           # re-tempers the cached signal; KD terms are scaled by temperature**2
     ce_weight: float = 0.0             # mix of ground-truth cross-entropy: (1-w)*KD + w*CE
+    jsd_beta: float = 0.5              # generalised JSD(beta) mixing weight, in (0, 1)
+    skew_alpha: float = 0.1            # skew KL / skew RKL mixing weight, in [0, 1)
+    taid_t_start: float = 0.4          # TAID interpolation weight t at step 0 ...
+    taid_t_end: float = 1.0            # ... and its cap (reached by the linear floor at max_steps)
+    taid_alpha: float = 5e-4           # TAID adaptive step size
+    taid_beta: float = 0.99            # TAID momentum of the objective's relative change
+    taid_adaptive: bool = True         # false: t follows the linear schedule only (the paper's ablation)
+    rlkd_k: int = 5                    # RLKD: top-k peaks of teacher and student ranked per position
+    rlkd_weight: float = 2.0           # RLKD: KD = rlkd_weight * L_rank + L_base
+    rlkd_dynamic: bool = False         # RLKD: weight L_base by the top-k overlap |topk_T & topk_S| / k
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -112,6 +122,15 @@ class TrainConfig:
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.temperature > 0, f"train.temperature must be > 0, got {self.temperature}")
         _check(0.0 <= self.ce_weight <= 1.0, f"train.ce_weight must be in [0, 1], got {self.ce_weight}")
+        _check(0.0 < self.jsd_beta < 1.0, f"train.jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        _check(0.0 <= self.skew_alpha < 1.0, f"train.skew_alpha must be in [0, 1), got {self.skew_alpha}")
+        _check(0.0 <= self.taid_t_start <= self.taid_t_end <= 1.0,
+               f"train.taid_t_start and taid_t_end need 0 <= t_start <= t_end <= 1, got "
+               f"{self.taid_t_start} and {self.taid_t_end}")
+        _check(0.0 <= self.taid_alpha <= 1.0, f"train.taid_alpha must be in [0, 1], got {self.taid_alpha}")
+        _check(0.0 <= self.taid_beta < 1.0, f"train.taid_beta must be in [0, 1), got {self.taid_beta}")
+        _check(self.rlkd_k >= 1, f"train.rlkd_k must be >= 1, got {self.rlkd_k}")
+        _check(self.rlkd_weight >= 0.0, f"train.rlkd_weight must be >= 0, got {self.rlkd_weight}")
         _check(self.tail in ("bucket", "renorm", "uniform"), f"train.tail {self.tail!r} is not one of bucket, renorm, uniform")
         _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")

@@ -33,9 +33,15 @@ CHECKPOINT_PREFIX = "step-"
 def objective_spec(tc: TrainConfig) -> ObjectiveSpec:
     try:
         return ObjectiveSpec(name=tc.loss, tail=tc.tail, temperature=tc.temperature, ce_weight=tc.ce_weight,
-                             chunk_size=tc.chunk_size)
+                             jsd_beta=tc.jsd_beta, skew_alpha=tc.skew_alpha, rlkd_k=tc.rlkd_k,
+                             rlkd_weight=tc.rlkd_weight, rlkd_dynamic=tc.rlkd_dynamic, chunk_size=tc.chunk_size)
     except ValueError as e:
         raise KdcacheError(f"invalid config: {e}") from None
+
+
+def taid_schedule(tc: TrainConfig) -> TAIDSchedule:
+    return TAIDSchedule(total_steps=tc.max_steps, t_start=tc.taid_t_start, t_end=tc.taid_t_end,
+                        alpha=tc.taid_alpha, beta=tc.taid_beta, adaptive=tc.taid_adaptive)
 
 
 def open_stores(cfg: Config, source: str = TEACHER_SOURCE) -> tuple[Store, Store]:
@@ -152,7 +158,7 @@ def run(cfg: Config, resume: bool = True) -> Path:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95),
                                   foreach=device.type == "cuda")
     lr_schedule = WarmupCosineLR(tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-    taid = TAIDSchedule(total_steps=tc.max_steps) if spec.name == "taid" else None
+    taid = taid_schedule(tc) if spec.name == "taid" else None
 
     step, position = 0, 0
     log_path = out_dir / "metrics.jsonl"
@@ -229,5 +235,8 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
     log.write(json.dumps(record) + "\n")
     log.flush()
     bar.update(1)
-    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.1e}", tok_s=f"{n_tokens / record['seconds']:.0f}")
+    postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{n_tokens / record['seconds']:.0f}"}
+    if taid is not None:
+        postfix["t"] = f"{record['taid_t']:.4f}"
+    bar.set_postfix(postfix)
     return step, position

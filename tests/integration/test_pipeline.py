@@ -81,12 +81,17 @@ def test_training_never_constructs_the_teacher(tmp_path, cached_run, tiny_teache
     assert built and all(n == 2 for n in built)  # only 2-layer students; the teacher has 4 layers
 
 
-def test_interrupted_training_resumes_exactly(tmp_path, cached_run, tiny_teacher, monkeypatch):
-    full = _cfg(tmp_path / "full", cached_run, tiny_teacher)
+# TAID with a large alpha, so its t is driven by the adaptive rule (not the linear floor) and must resume exactly
+RESUME_CASES = {"kl": {}, "taid": {"train.loss": "taid", "train.taid_alpha": 1.0}}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_interrupted_training_resumes_exactly(case, tmp_path, cached_run, tiny_teacher, monkeypatch):
+    full = _cfg(tmp_path / "full", cached_run, tiny_teacher, **RESUME_CASES[case])
     train.run(full)
     reference = [r["loss"] for r in _log(full)]
 
-    cut = _cfg(tmp_path / "cut", cached_run, tiny_teacher)
+    cut = _cfg(tmp_path / "cut", cached_run, tiny_teacher, **RESUME_CASES[case])
     real = train._train_step
 
     def crash_at_step_5(*args, **kwargs):
@@ -103,6 +108,28 @@ def test_interrupted_training_resumes_exactly(tmp_path, cached_run, tiny_teacher
     resumed = [r["loss"] for r in _log(cut)]
     assert len(resumed) == len(reference) == 6
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=1e-6, atol=1e-7)
+    if case == "taid":
+        t_full, t_cut = [r["taid_t"] for r in _log(full)], [r["taid_t"] for r in _log(cut)]
+        assert t_cut == pytest.approx(t_full, rel=1e-9, abs=1e-12)
+        linear = [train.taid_schedule(full.train).linear(step) for step in range(6)]
+        assert t_full[2] > linear[2] + 0.01 and all(b >= a for a, b in zip(t_full, t_full[1:]))
+
+
+def test_training_log_carries_loss_parts_taid_t_and_agreements(tmp_path, cached_run, tiny_teacher):
+    for loss in ("taid", "rlkd+kl"):
+        cfg = _cfg(tmp_path / loss, cached_run, tiny_teacher, **{"train.loss": loss, "train.max_steps": 2,
+                                                                   "train.ce_weight": 0.1})
+        train.run(cfg)
+        for record in _log(cfg):
+            parts = {"kd", "ce", "top1_agree", "top5_order_agree"} | ({"taid_t"} if loss == "taid" else {"rank"})
+            assert parts <= set(record), (loss, sorted(record))
+            assert 0 <= record["top5_order_agree"] <= record["top1_agree"] <= 1
+            if loss == "rlkd+kl":
+                assert "taid_t" not in record and 0 <= record["rank"] <= 2
+                # loss = (1 - w) * (2 * rank + kd_base) + w * ce, with kd = 2 * rank + kd_base
+                assert record["loss"] == pytest.approx(0.9 * record["kd"] + 0.1 * record["ce"], rel=1e-5)
+            else:
+                assert record["taid_t"] == pytest.approx(0.4)
 
 
 def test_sigkill_during_training_then_resume(tmp_path, cached_run, tiny_teacher):

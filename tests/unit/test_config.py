@@ -31,6 +31,15 @@ def test_yaml_then_overrides(tmp_path):
     (["precompute.value_encoding=int4"], "precompute.value_encoding 'int4' is not one of"),
     (["train.tail=cut"], "train.tail 'cut' is not one of"),
     (["prepare.seq_len"], "use section.field=value"),
+    (["train.taid_t_start=0.9", "train.taid_t_end=0.5"], "need 0 <= t_start <= t_end <= 1"),
+    (["train.taid_t_end=1.5"], "need 0 <= t_start <= t_end <= 1"),
+    (["train.taid_alpha=2"], "train.taid_alpha must be in \\[0, 1\\]"),
+    (["train.taid_beta=1"], "train.taid_beta must be in \\[0, 1\\)"),
+    (["train.taid_adaptive=maybe"], "train.taid_adaptive must be bool"),
+    (["train.rlkd_k=0"], "train.rlkd_k must be >= 1"),
+    (["train.rlkd_weight=-1"], "train.rlkd_weight must be >= 0"),
+    (["train.jsd_beta=1"], "train.jsd_beta must be in \\(0, 1\\)"),
+    (["train.skew_alpha=1"], "train.skew_alpha must be in \\[0, 1\\)"),
 ])
 def test_bad_values_are_one_line_errors(overrides, message):
     with pytest.raises(KdcacheError, match=message) as info:
@@ -56,3 +65,44 @@ def test_store_backends_and_value_encodings():
                                (["precompute.value_encoding=int4"], "value_encoding 'int4' is not one of float16")]:
         with pytest.raises(KdcacheError, match=message):
             load_config(None, overrides)
+
+
+def test_objective_knobs_reach_the_loss_spec_and_the_taid_schedule():
+    from stages.train import objective_spec, taid_schedule
+
+    cfg = load_config(None, ["train.loss=rlkd+jsd", "train.rlkd_k=3", "train.rlkd_weight=0.5",
+                             "train.rlkd_dynamic=true", "train.jsd_beta=0.3", "train.skew_alpha=0.2",
+                             "train.taid_t_start=0.1", "train.taid_t_end=0.8", "train.taid_alpha=0.01",
+                             "train.taid_beta=0.9", "train.taid_adaptive=false", "train.max_steps=7"])
+    spec = objective_spec(cfg.train)
+    assert (spec.name, spec.rlkd_k, spec.rlkd_weight, spec.rlkd_dynamic, spec.jsd_beta, spec.skew_alpha) == \
+        ("rlkd+jsd", 3, 0.5, True, 0.3, 0.2)
+    sched = taid_schedule(cfg.train)
+    assert (sched.total_steps, sched.t_start, sched.t_end, sched.alpha, sched.beta, sched.adaptive) == \
+        (7, 0.1, 0.8, 0.01, 0.9, False)
+    assert sched.t == 0.1
+    defaults = taid_schedule(load_config(None, []).train)
+    assert (defaults.t_start, defaults.t_end, defaults.alpha, defaults.beta, defaults.adaptive) == \
+        (0.4, 1.0, 5e-4, 0.99, True)
+
+
+def test_unknown_loss_is_a_one_line_config_error():
+    from stages.train import objective_spec
+
+    with pytest.raises(KdcacheError, match="invalid config: unknown loss 'kll'; valid: ce, kl") as info:
+        objective_spec(load_config(None, ["train.loss=kll"]).train)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_no_adaptive_sets_linear_taid(tmp_path, monkeypatch, capsys):
+    import stages.train
+    from pipeline.cli import main
+
+    seen = []
+    monkeypatch.setattr(stages.train, "run", lambda cfg, resume=True: seen.append(cfg.train))
+    run_dir = ["--run-dir", str(tmp_path / "run")]
+    assert main(["train", "--loss", "taid", "--no-adaptive", *run_dir]) == 0
+    assert main(["train", "--loss", "taid", *run_dir]) == 0
+    assert [(tc.loss, tc.taid_adaptive) for tc in seen] == [("taid", False), ("taid", True)]
+    assert main(["train", "--loss", "kl", "--no-adaptive", *run_dir]) == 2
+    assert capsys.readouterr().err.strip() == "kdcache: error: --no-adaptive applies to --loss taid only, not 'kl'"

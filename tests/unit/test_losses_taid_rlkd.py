@@ -73,6 +73,14 @@ def test_taid_at_t_one_has_forward_kl_gradient(tail, temperature, sparse):
     torch.testing.assert_close(taid_grad, kl_grad)
 
 
+def test_taid_value_at_t_one_is_the_cross_entropy_to_the_teacher():
+    """The reference's value: CE(p, q) = KL(p || q) + H(p), not KL itself."""
+    z, teacher = make_logits(0), make_logits(1)
+    p = torch.softmax(teacher, -1)
+    entropy = -(p * p.log()).sum()
+    torch.testing.assert_close(taid(z, teacher, all_rows(), t=1.0)[0], kl(z, teacher, all_rows())[0] + entropy)
+
+
 def test_taid_at_t_zero_has_no_gradient():
     z, target = make_logits(0), sparse_from_dense(make_logits(1), K)
     value, grad = value_and_grad(lambda x: taid(x, target, all_rows(), t=0.0)[0], z)
@@ -151,6 +159,26 @@ def test_rank_loss_with_ties_has_no_nan():
     tied_student = torch.zeros(N, V, dtype=torch.float64)
     value, grad = value_and_grad(lambda x: rank_loss(x, make_logits(1), all_rows(), k=5)[0], tied_student)
     assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+def test_rank_loss_treats_teacher_ties_symmetrically():
+    """Two teacher peaks tie: a student that breaks the tie one way and one that breaks it the other way get the
+    same loss, above that of a student which ties them too, and far below a reversed order."""
+    teacher = spaced_teacher(1)
+    second, third = torch.topk(teacher[0], 3).indices[1:]
+    teacher[0, third] = teacher[0, second]                                     # tie on the teacher's peaks
+    target = sparse_from_dense(teacher, K)
+    students = {}
+    for name, bump in [("second_first", second), ("third_first", third), ("tied", None)]:
+        z = teacher * 3
+        if bump is not None:
+            z[0, bump] += 1.0
+        students[name] = value_and_grad(lambda x: rank_loss(x, target, all_rows(1), k=5)[0], z)
+    assert all(torch.isfinite(g).all() for _, g in students.values())
+    one_way, other_way, tied = (float(students[n][0]) for n in ("second_first", "third_first", "tied"))
+    assert one_way == pytest.approx(other_way, abs=1e-9)
+    assert tied < 1e-3 < one_way < 0.2
+    assert float(rank_loss(-teacher, target, all_rows(1), k=5)[0]) > 1.5
 
 
 def test_rank_loss_off_support_ids_get_the_tail_value():

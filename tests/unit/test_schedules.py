@@ -29,6 +29,24 @@ def test_taid_hand_computed_sequence():
     assert sched.prev_objective == 1.5
 
 
+def test_taid_hand_computed_sequence_with_the_default_hyper_parameters():
+    """alpha 5e-4, beta 0.99, J = 2.0, 1.0, 1.0, 0.5.
+    total 10000 (the adaptive term leads):
+      step 1  store J; t = 0.4
+      step 2  delta = 0.5; m = 0.01*0.5 = 0.005; t = 0.4 + 5e-4*sigmoid(0.005)*0.6 = 0.4001503750  (t_lin 0.40012)
+      step 3  delta = 0; m = 0.00495; t = 0.4001503750 + 5e-4*sigmoid(0.00495)*0.5998496250 = 0.4003007086
+      step 4  delta = 0.5; m = 0.99*0.00495 + 0.005 = 0.0099005;
+              t = 0.4003007086 + 5e-4*sigmoid(0.0099005)*0.5996992914 = 0.4004513755
+    total 1000: the adaptive step is at most alpha*(1 - t) = 3e-4 < the linear 6e-4 per step, so t = t_lin:
+      0.4, 0.4012, 0.4018, 0.4024 (the momentum evolves the same)."""
+    for total, expected in [(10000, [0.4, 0.4001503750, 0.4003007086, 0.4004513755]),
+                            (1000, [0.4, 0.4012, 0.4018, 0.4024])]:
+        sched = TAIDSchedule(total_steps=total)
+        got = [sched.update(step, j) for step, j in enumerate([2.0, 1.0, 1.0, 0.5], start=1)]
+        assert got == pytest.approx(expected, abs=1e-10), total
+        assert sched.momentum == pytest.approx(0.0099005, abs=1e-12)
+
+
 def test_taid_is_monotone_bounded_and_never_below_linear():
     sched = TAIDSchedule(total_steps=50, t_start=0.2, t_end=0.9, alpha=0.2, beta=0.5)
     objectives = [5.0, 3.0, 4.0, 10.0, 1.0, 1.0, 0.5, 7.0] * 8
