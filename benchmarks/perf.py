@@ -21,7 +21,6 @@ import io
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ SEQ_LEN = 128
 
 def _cfg(run_dir: Path, threads: int, **extra):
     base = {"run_dir": str(run_dir), "prepare.seq_len": SEQ_LEN, "prepare.max_train_sequences": 16,
-            "prepare.max_validation_sequences": 8, "prepare.shard_sequences": 8,
+            "prepare.max_validation_sequences": 4, "prepare.shard_sequences": 8,
             "precompute.teacher": TEACHER, "precompute.scheduler": "sync", "precompute.batch_size": 8,
             "precompute.threads_per_worker": threads, "train.student": STUDENT, "train.batch_size": 2,
             "train.max_steps": 1000, "train.warmup_steps": 0, "train.prefetch": 2}
@@ -180,6 +179,20 @@ def _online_step(student, optimizer, teacher, stream, spec, cfg, device) -> floa
     return time.perf_counter() - start
 
 
+def _full_logits_step(student, optimizer, stream, spec, cfg, device) -> float:
+    """The offline-KD step as it was before the memory-lean loss: the (N, V) logits of the whole batch at once."""
+    start = time.perf_counter()
+    _, batch = next(stream)
+    positions, labels, target = train.loss_inputs(batch)
+    logits = train.output_head(student, device)(train.student_hidden(student, batch["input_ids"], positions))
+    out = compute_objective(logits, target, labels, torch.ones_like(labels, dtype=torch.bool), spec)  # (N, V) in
+    (out["loss_sum"] / max(1, labels.numel())).backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def bench_steps(cfg, reps: int, steps: int, threads: int) -> dict:
     device = torch.device("cpu")
     tokens, signals = train.open_stores(cfg)
@@ -188,10 +201,11 @@ def bench_steps(cfg, reps: int, steps: int, threads: int) -> dict:
     kd, ce = train.objective_spec(cfg.train), train.objective_spec(
         load_config(None, ["train.loss=ce"]).train)
     streams = {name: Prefetcher(CachedKDDataset(tokens, signals, "train", cfg.train.batch_size, seed=0), device, 2)
-               for name in ("kd", "ce", "online")}
+               for name in ("kd", "ce", "online", "full")}
     runs = {"kd": lambda: _offline_step(student, optimizer, streams["kd"], kd, cfg, device),
             "ce": lambda: _offline_step(student, optimizer, streams["ce"], ce, cfg, device),
-            "online": lambda: _online_step(student, optimizer, teacher, streams["online"], kd, cfg, device)}
+            "online": lambda: _online_step(student, optimizer, teacher, streams["online"], kd, cfg, device),
+            "full": lambda: _full_logits_step(student, optimizer, streams["full"], kd, cfg, device)}
     for run in runs.values():  # warm-up
         run()
     times = {name: [] for name in runs}
@@ -205,6 +219,7 @@ def bench_steps(cfg, reps: int, steps: int, threads: int) -> dict:
     return {"batch": f"{cfg.train.batch_size}x{SEQ_LEN}", "step_s": times,
             "kd_over_ce": _median_ratio(list(zip(times["kd"], times["ce"]))),
             "online_over_offline": _median_ratio(list(zip(times["online"], times["kd"]))),
+            "lean_over_full_logits": _median_ratio(list(zip(times["kd"], times["full"]))),
             "kd_step_s": kd_median, "trainer_tokens_per_s": tokens_per_step / kd_median}
 
 
@@ -230,7 +245,9 @@ def rss_probe(run_dir: str, mode: str, threads: int) -> None:
         else:
             _online_step(student, optimizer, teacher, stream, spec, cfg, device)
     stream.close()
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not getrusage's ru_maxrss: a child's ru_maxrss keeps the parent's RSS at fork
+    hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
 def bench_rss(cfg, threads: int) -> dict:
@@ -256,7 +273,7 @@ def _warm_worker() -> None:
 
 
 def bench_scaling(root: Path, reps: int) -> dict:
-    cfg = _cfg(root / "scaling", 1, **{"prepare.max_train_sequences": 28, "prepare.max_validation_sequences": 4,
+    cfg = _cfg(root / "scaling", 1, **{"prepare.max_train_sequences": 12, "prepare.max_validation_sequences": 4,
                                        "prepare.shard_sequences": 4, "precompute.batch_size": 4})
     prepare.run(cfg)
     n_tasks = len(open_store(cfg.tokens_dir).manifest.layout)
@@ -314,6 +331,8 @@ def table(r: dict) -> str:
         f"({rss['online']:.0f} → {rss['offline']:.0f} MB) | | |",
         f"| 5 | precompute, 2 dask workers ÷ 1 (1 thread each, {sc['tasks']} tasks): speed-up, efficiency | "
         f"{sc['speedup']:.2f}×, {sc['efficiency']:.0%} | | |",
+        f"| 6 | memory-lean loss step ÷ the same step with the whole (B·T, V) logits | "
+        f"{st['lean_over_full_logits']:.3f} | | |",
     ]
     m = r["machine"]
     rows += ["", f"Machine: {m['cores']} CPU cores ({m['cpu']}), GPU: {'yes' if m['gpu'] else 'no'}, torch "
