@@ -13,7 +13,7 @@ OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
 S = $(RUN)/.stages
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache bench-store experiment-objectives
+.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache bench-store experiment-objectives bench
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -34,13 +34,16 @@ test: $(STAMP)  ## run the whole test suite
 test-fast: $(STAMP)  ## unit tests only
 	$(PYTHON) -m pytest -q tests/unit
 
+bench: $(STAMP)  ## performance benchmarks on the default teacher (~10 min): runs/bench/perf.md + perf.json
+	$(PYTHON) -m benchmarks.perf --out runs/bench
+
 demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train -> evaluate -> report
 	$(MAKE) report RUN=$(RUN) CONFIG=$(CONFIG) ARGS='$(ARGS)'
 	@cat $(RUN)/eval/report.md
 
 # Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
 # this cannot run; the pattern rule below then writes the stamps once kdcache is installed.
-ifeq ($(filter help install clean docs test test-fast bench-% experiment-%,$(MAKECMDGOALS)),)
+ifeq ($(filter help install clean docs test test-fast bench bench-% experiment-%,$(MAKECMDGOALS)),)
 _ := $(shell $(KD) stamps $(OPTS) 2>/dev/null)
 endif
 $(S)/%.config: | $(STAMP)

@@ -70,6 +70,8 @@ class PrecomputeConfig:
     scheduler: str = "local"           # local (LocalCluster) | sync (in-process) | a scheduler address tcp://host:port
     workers: int = 1                   # LocalCluster worker processes
     threads_per_worker: int | None = None  # torch threads per worker (default: cores / workers)
+    retries: int = 2                   # reruns of a task that raised on a dask cluster (a lost worker's task is
+                                       # rescheduled by the scheduler regardless)
     backend: str = "zarr"              # zarr (Zarr v3, sharded, zstd) | arrow (Arrow IPC, zstd)
 
     def __post_init__(self):
@@ -80,6 +82,7 @@ class PrecomputeConfig:
                f"precompute.value_encoding {self.value_encoding!r} is not one of float16, float32, int8")
         _check(self.batch_size >= 1, f"precompute.batch_size must be >= 1, got {self.batch_size}")
         _check(self.workers >= 1, f"precompute.workers must be >= 1, got {self.workers}")
+        _check(self.retries >= 0, f"precompute.retries must be >= 0, got {self.retries}")
         _check(self.backend in BACKENDS, f"precompute.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
 
 

@@ -30,11 +30,15 @@ class CachedKDDataset(IterableDataset):
     batch (numpy): input_ids (B, T) int64, loss_mask (B, T) bool, and with a signal store
     sig_ids (B, T, C) int64, sig_logprobs (B, T, C) float32, sig_lognorm (B, T) float32 (decoded, any kind;
     sampled kinds have a different C per shard: a batch is padded to its widest, see `stack_sequences`).
-    `shards` restricts the stream to a subset of the split's shards (e.g. one rank's share).
+    `shards` restricts the stream to a subset of the split's shards. With `world` > 1 ranks, every rank computes
+    the same epoch order and streams only its share of it (entries rank, rank + world, ...): the ranks read
+    disjoint shards, and with shards of `batch_size` sequences the ranks' batches of a step are together exactly
+    the single-process batch of world * batch_size. Positions then count this rank's sequences.
     """
 
     def __init__(self, tokens: Store, signals: Store | None, split: str, batch_size: int, seed: int = 0,
-                 start: int = 0, shuffle: bool = True, shards: list[str] | None = None, epochs: int | None = None):
+                 start: int = 0, shuffle: bool = True, shards: list[str] | None = None, epochs: int | None = None,
+                 rank: int = 0, world: int = 1):
         super().__init__()
         self.tokens, self.signals = tokens, signals
         records = tokens.manifest.splits().get(split, [])
@@ -42,9 +46,13 @@ class CachedKDDataset(IterableDataset):
             records = [r for r in records if r.name in set(shards)]
         if not records:
             raise ValueError(f"token store {tokens.path} has no shards in split {split!r}")
+        if len(records) < world:
+            raise ValueError(f"token store {tokens.path} has {len(records)} {split} shards, fewer than the "
+                             f"{world} ranks: prepare with a smaller prepare.shard_sequences")
         self.records = records
         self.n_sequences = sum(r.count for r in records)
         self.batch_size, self.seed, self.start, self.shuffle, self.epochs = batch_size, seed, start, shuffle, epochs
+        self.rank, self.world = rank, world
 
     def _shard(self, name: str) -> dict[str, np.ndarray]:
         arrays = self.tokens.read_shard(name)
@@ -54,26 +62,34 @@ class CachedKDDataset(IterableDataset):
             out.update(sig_ids=sig["ids"], sig_logprobs=sig["logprobs"], sig_lognorm=sig["lognorm"])
         return out
 
+    def _epoch(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """This rank's [(shard index, permutation of its sequences)] of one epoch."""
+        sizes = [r.count for r in self.records]
+        if self.shuffle:
+            order = epoch_order(len(self.records), sizes, self.seed, epoch)
+        else:
+            order = [(i, np.arange(n)) for i, n in enumerate(sizes)]
+        return order[self.rank::self.world]
+
     def _sequences(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """(position after this sequence, its arrays), from self.start on."""
-        epoch, offset = divmod(self.start, self.n_sequences)
-        sizes = [r.count for r in self.records]
+        epoch, before = 0, 0  # before: this rank's sequences in the epochs before `epoch`
         while self.epochs is None or epoch < self.epochs:
-            if self.shuffle:
-                order = epoch_order(len(self.records), sizes, self.seed, epoch)
-            else:
-                order = [(i, np.arange(n)) for i, n in enumerate(sizes)]
-            seen = 0
-            for shard_index, perm in order:
-                if seen + len(perm) <= offset:  # wholly consumed before the resume point: do not read it
+            order = self._epoch(epoch)
+            length = sum(len(perm) for _, perm in order)
+            offset = self.start - before
+            if offset < length:
+                seen = 0
+                for shard_index, perm in order:
+                    if seen + len(perm) <= offset:  # wholly consumed before the resume point: do not read it
+                        seen += len(perm)
+                        continue
+                    arrays = self._shard(self.records[shard_index].name)
+                    for idx in range(max(0, offset - seen), len(perm)):
+                        j = perm[idx]
+                        yield before + seen + idx + 1, {k: v[j] for k, v in arrays.items()}
                     seen += len(perm)
-                    continue
-                arrays = self._shard(self.records[shard_index].name)
-                for idx in range(max(0, offset - seen), len(perm)):
-                    j = perm[idx]
-                    yield epoch * self.n_sequences + seen + idx + 1, {k: v[j] for k, v in arrays.items()}
-                seen += len(perm)
-            epoch, offset = epoch + 1, 0
+            epoch, before = epoch + 1, before + length
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         batch, position = [], self.start

@@ -20,10 +20,9 @@ from pipeline.errors import KdcacheError
 from stages.data import CachedKDDataset, to_device
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.runtime import pick_device
-from stages.train import loss_inputs, open_stores, student_logits
+from stages.train import loss_inputs, open_stores, output_head, student_hidden
 
 KL_SPEC = ObjectiveSpec(name="kl", tail="bucket")
-CE_SPEC = ObjectiveSpec(name="ce")
 
 
 @torch.no_grad()
@@ -40,12 +39,11 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
         batch = to_device({k: v[:total - seen] for k, v in batch.items()}, device, pin=False)
         seen += len(batch["input_ids"])
         positions, labels, target = loss_inputs(batch)
-        logits = student_logits(model, batch["input_ids"], positions)                 # (N, V)
+        hidden = student_hidden(model, batch["input_ids"], positions)                 # (N, H)
         every = torch.ones_like(labels, dtype=torch.bool)
-        kl = compute_objective(logits, target, labels, every, KL_SPEC)
-        ce = compute_objective(logits, target, labels, every, CE_SPEC)
+        kl = compute_objective(hidden, target, labels, every, KL_SPEC, lm_head=output_head(model, device))
         totals["kl"] += float(kl["loss_sum"])
-        totals["ce"] += float(ce["loss_sum"])
+        totals["ce"] += float(kl["ce_sum"])  # the true-token cross-entropy of the same logits
         totals["top1"] += float(kl["top1_agree"])
         totals["top5_order"] += float(kl["top5_order_agree"])
         totals["tail_mass"] += float((1 - target.logprobs.exp().sum(-1)).clamp(min=0).sum())

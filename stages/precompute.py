@@ -3,6 +3,9 @@
 The work is a dask graph of coarse, idempotent tasks, one per shard: a task reads its token shard, runs the
 teacher (loaded once per worker process and cached), and commits its signal shard straight into the store.
 Only a small summary goes back to the driver. Shards already committed are skipped, so a killed run resumes.
+On a cluster a task whose worker dies is rescheduled on another worker by the scheduler, and a task that raises
+is retried `precompute.retries` times; as tasks are idempotent (a shard is committed once, atomically, and a
+rewrite of identical bytes is a no-op) either way the store ends complete and identical.
 """
 from __future__ import annotations
 
@@ -106,9 +109,16 @@ def _client(scheduler: str, workers: int, threads: int | None):
                    "OPENBLAS_NUM_THREADS": threads or 1}
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=40)
+                                   dashboard_address=":0", silence_logs=40)
         return Client(cluster), cluster
     return Client(scheduler, timeout="30s"), None
+
+
+def _has_dashboard() -> bool:
+    """dask serves its dashboard only with bokeh installed (not a kdcache dependency)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
 
 
 def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, source: str = TEACHER_SOURCE,
@@ -142,10 +152,12 @@ def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, sour
 
             client, cluster = _client(scheduler, pc.workers, threads)
             try:
-                if cluster is None:
-                    print(f"precompute: attached to dask scheduler {scheduler} "
-                          f"(dashboard: {client.dashboard_link})", flush=True)
-                for future in as_completed(client.compute(tasks)):
+                where = f"attached to dask scheduler {scheduler}" if cluster is None else \
+                    f"LocalCluster with {pc.workers} worker(s) x {threads} torch thread(s)"
+                dashboard = client.dashboard_link if cluster is None or _has_dashboard() else \
+                    "off: pip install bokeh for it"
+                print(f"precompute: {where} (dashboard: {dashboard})", flush=True)
+                for future in as_completed(client.compute(tasks, retries=pc.retries)):
                     bar.update(future.result()["tokens"])
             finally:
                 client.close()

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+import torch.distributed as dist
 
 from pipeline.errors import KdcacheError
 
@@ -24,3 +26,24 @@ def autocast(device: torch.device, precision: str = "auto"):
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group from the environment: nccl on cuda (one GPU per
+    rank, LOCAL_RANK), gloo on cpu. -> (rank, world size, this rank's device). A single process is (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In place sum over the ranks (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor

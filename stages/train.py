@@ -3,9 +3,15 @@
 Recipe: open the token + signal stores (fingerprints checked) -> build the student -> stream batches (background
 prefetch) -> objective on the sparse targets of the loss positions -> AdamW with warmup + cosine LR, gradient
 accumulation and clipping -> atomic checkpoints (model, optimiser, schedules, stream position) -> save_pretrained.
+
+Under torchrun (WORLD_SIZE > 1) every rank streams its own disjoint shards, the loss is normalised by the global
+token count of the step and the gradients are summed over the ranks once per step, so the run follows the
+single-process one with batch_size x world. Rank 0 writes the log, the checkpoints (which record the world size
+and every rank's stream position) and the student. A single process takes none of these detours.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
@@ -22,7 +29,7 @@ from pipeline.errors import KdcacheError
 from stages.data import CachedKDDataset, Prefetcher
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.models import build_student, load_tokenizer, resolve_model_path, tokenizer_fingerprint
-from stages.runtime import autocast, pick_device
+from stages.runtime import all_reduce_sum, autocast, init_distributed, pick_device
 from stages.schedules import TAIDSchedule, WarmupCosineLR
 from stages.signals import sparse_target
 from storage import Store
@@ -67,11 +74,22 @@ def check_student(student, signals: Store, student_spec: str) -> None:
                                f"{signals.manifest.fingerprints['tokenizer']}: use a student with the teacher's tokenizer")
 
 
-def student_logits(student, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Logits only where the loss is taken: hidden states (B, T, H) -> rows at `positions` (N,) -> (N, V)."""
+def student_hidden(student, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The last hidden states where the loss is taken: (B, T, H) -> rows at `positions` (N,) -> (N, H).
+    The output layer is applied later, chunk by chunk, inside the objective (see output_head)."""
     hidden = student.base_model(input_ids=input_ids).last_hidden_state     # (B, T, H)
-    hidden = hidden.flatten(0, 1)[positions]                                # (N, H)
-    return student.get_output_embeddings()(hidden).float()                  # (N, V)
+    return hidden.flatten(0, 1)[positions]                                  # (N, H)
+
+
+def output_head(student, device: torch.device, precision: str = "fp32"):
+    """The student's output layer as compute_objective's lm_head: hidden (n, H) -> float32 logits (n, V), under
+    the run's autocast, so the (N, V) logits of a batch never exist at once."""
+    lm_head = student.get_output_embeddings()
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        with autocast(device, precision):
+            return lm_head(hidden).float()                                  # (n, V)
+    return head
 
 
 def loss_inputs(batch: dict[str, torch.Tensor]):
@@ -137,20 +155,42 @@ def _truncate_log(path: Path, step: int) -> None:
 def run(cfg: Config, resume: bool = True) -> Path:
     tc = cfg.train
     spec = objective_spec(tc)
-    device = pick_device(tc.device)
+    rank, world, device = init_distributed(pick_device(tc.device))
+    try:
+        return _run(cfg, tc, spec, rank, world, device, resume)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: int, device, resume: bool) -> Path:
     torch.manual_seed(tc.seed)
     tokens, signals = open_stores(cfg, tc.source)
     # layerdrop/random students and the saved tokenizer come from the teacher, whichever source the signal is
     teacher_spec = cfg.precompute.teacher
+    n_shards = len(tokens.manifest.splits().get("train", []))
+    if n_shards < world:
+        raise KdcacheError(f"the train split has {n_shards} shards, fewer than the {world} ranks: prepare with a "
+                           f"smaller prepare.shard_sequences or run fewer processes")
 
     student = build_student(tc.student, teacher_spec, seed=tc.seed)
     check_student(student, signals, tc.student)
     student.config.use_cache = False
     out_dir, ckpt_dir = cfg.student_dir, cfg.student_dir / "checkpoints"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / "init" / "config.json").exists():  # the untrained student, evaluate's baseline
-        save_student(student, out_dir / "init", teacher_spec)
+    log_path = out_dir / "metrics.jsonl"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / "init" / "config.json").exists():  # the untrained student, evaluate's baseline
+            save_student(student, out_dir / "init", teacher_spec)
+        if not resume:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            log_path.unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()  # rank 0 has cleared old checkpoints before anyone looks for one
     student.to(device).train()
+    if world > 1:  # every rank starts from rank 0's weights, whatever its own random state
+        for tensor in student.state_dict().values():
+            dist.broadcast(tensor, 0)
 
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
@@ -161,62 +201,104 @@ def run(cfg: Config, resume: bool = True) -> Path:
     taid = taid_schedule(tc) if spec.name == "taid" else None
 
     step, position = 0, 0
-    log_path = out_dir / "metrics.jsonl"
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
-    if not resume:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        log_path.unlink(missing_ok=True)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer)
-        step, position = state["step"], state["position"]
+        saved_world = state.get("world_size", 1)
+        if saved_world != world:  # each rank's stream position belongs to that world size's shard split
+            raise KdcacheError(f"checkpoint {checkpoint} was written by {saved_world} process(es) but this run has "
+                               f"{world}: resume with {saved_world} (torchrun --nproc_per_node={saved_world}) "
+                               f"or start over with --no-resume")
+        step, position = state["step"], state.get("positions", [state["position"]])[rank]
         if taid is not None:
             taid.load_state_dict(state["taid"])
-        _truncate_log(log_path, step)
-        print(f"train: resuming from {checkpoint.name} (step {step}, sequence {position})", flush=True)
+        if rank == 0:
+            _truncate_log(log_path, step)
+            print(f"train: resuming from {checkpoint.name} (step {step}, sequence {position})", flush=True)
     if step >= tc.max_steps:
-        print(f"train: already at step {step} of {tc.max_steps}", flush=True)
+        if rank == 0:
+            print(f"train: already at step {step} of {tc.max_steps}", flush=True)
     else:
-        dataset = CachedKDDataset(tokens, signals, "train", tc.batch_size, seed=tc.seed, start=position)
+        dataset = CachedKDDataset(tokens, signals, "train", tc.batch_size, seed=tc.seed, start=position,
+                                  rank=rank, world=world)
         stream = Prefetcher(dataset, device, depth=tc.prefetch)
-        bar = tqdm(total=tc.max_steps, initial=step, desc=f"train ({spec.name})", unit="step")
+        bar = tqdm(total=tc.max_steps, initial=step, desc=f"train ({spec.name})", unit="step", disable=rank != 0)
         try:
-            with open(log_path, "a") as log:
+            with open(log_path, "a") if rank == 0 else contextlib.nullcontext() as log:
                 while step < tc.max_steps:
                     step, position = _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
                                                  step, log, bar)
                     if step % tc.checkpoint_every == 0 or step == tc.max_steps:
-                        state = {"step": step, "position": position,
-                                 "lr_schedule": lr_schedule.state_dict(),
-                                 "taid": taid.state_dict() if taid is not None else None,
-                                 "config": cfg.to_dict()}
-                        save_checkpoint(ckpt_dir, step, student, optimizer, state, tc.keep_checkpoints)
+                        positions = _gather_positions(position, world)
+                        if rank == 0:
+                            state = {"step": step, "position": positions[0], "positions": positions,
+                                     "world_size": world, "lr_schedule": lr_schedule.state_dict(),
+                                     "taid": taid.state_dict() if taid is not None else None,
+                                     "config": cfg.to_dict()}
+                            save_checkpoint(ckpt_dir, step, student, optimizer, state, tc.keep_checkpoints)
         finally:
             stream.close()
             bar.close()
-    save_student(student.cpu(), out_dir / "final", teacher_spec)
-    print(f"train: student saved to {out_dir / 'final'}", flush=True)
+    if rank == 0:
+        save_student(student.cpu(), out_dir / "final", teacher_spec)
+        print(f"train: student saved to {out_dir / 'final'}", flush=True)
+    if world > 1:
+        dist.barrier()  # the student is saved before any rank returns
     return out_dir / "final"
 
 
+def _gather_positions(position: int, world: int) -> list[int]:
+    """Every rank's stream position (one all-gather; [position] in a single process)."""
+    if world == 1:
+        return [position]
+    gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor([position], dtype=torch.int64))
+    return [int(t) for t in gathered]
+
+
+def _all_reduce_grads(student) -> None:
+    """Sum the gradients over the ranks in one flat all-reduce (the loss is already divided by the global count)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    for grad, summed in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(summed)
+
+
 def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid, step, log, bar):
-    """One optimiser step over grad_accum micro-batches, normalised once by the step's loss-token count."""
+    """One optimiser step over grad_accum micro-batches, normalised once by the step's (global) loss-token count.
+    `log` is None on ranks other than 0."""
     start = time.perf_counter()
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
     micro = [next(stream) for _ in range(tc.grad_accum)]
     position = micro[-1][0]
     prepared = [loss_inputs(batch) for _, batch in micro]
-    n_tokens = max(1, sum(int(p[0].numel()) for p in prepared))
+    n_tokens = sum(int(p[0].numel()) for p in prepared)
+    if distributed:
+        n_tokens = int(all_reduce_sum(torch.tensor(n_tokens, dtype=torch.int64)))
+    n_tokens = max(1, n_tokens)
     lr = lr_schedule.lr(step)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    totals: dict[str, float] = {}
+    head = output_head(student, device, tc.precision)
+    totals: dict[str, torch.Tensor] = {}
     for (_, batch), (positions, labels, target) in zip(micro, prepared):
         with autocast(device, tc.precision):
-            logits = student_logits(student, batch["input_ids"], positions)   # (N, V)
-        out = compute_objective(logits, target, labels, torch.ones_like(labels, dtype=torch.bool), spec,
-                                taid_t=taid.t if taid is not None else None)
+            hidden = student_hidden(student, batch["input_ids"], positions)   # (N, H)
+        out = compute_objective(hidden, target, labels, torch.ones_like(labels, dtype=torch.bool), spec,
+                                taid_t=taid.t if taid is not None else None, lm_head=head)
         (out["loss_sum"] / n_tokens).backward()
         for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + float(v.detach())
+            totals[k] = totals.get(k, 0.0) + v.detach().double().cpu()
+    if distributed:
+        _all_reduce_grads(student)
+        summed = all_reduce_sum(torch.stack([totals[k] for k in sorted(totals)]))
+        totals = dict(zip(sorted(totals), summed))
+    totals = {k: float(v) for k, v in totals.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), tc.clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -232,8 +314,9 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
     if taid is not None:
         record["taid_t"] = taid.t
         taid.update(step, kd_per_token)
-    log.write(json.dumps(record) + "\n")
-    log.flush()
+    if log is not None:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
     bar.update(1)
     postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{n_tokens / record['seconds']:.0f}"}
     if taid is not None:

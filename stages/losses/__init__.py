@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 
@@ -71,12 +72,19 @@ class ObjectiveSpec:
 
 
 # columns of the per-chunk sums vector
-_LOSS, _KD, _CE, _RANK = range(4)
+_LOSS, _KD, _CE, _RANK, _TOP1, _TOP5 = range(6)
 
 
-def _objective_sums(student_logits: torch.Tensor, target: Target | None, labels: torch.Tensor, mask: torch.Tensor,
-                    *, spec: ObjectiveSpec, taid_t: float | None) -> torch.Tensor:
-    """One chunk's [loss, kd, ce, rank] sums (4,). Masked rows are dropped first (exactly zero contribution)."""
+def _objective_sums(student_out: torch.Tensor, target: Target | None, labels: torch.Tensor, mask: torch.Tensor,
+                    *, spec: ObjectiveSpec, taid_t: float | None, lm_head: Callable | None = None) -> torch.Tensor:
+    """One chunk's [loss, kd, ce, rank, top1 agree, top5 order agree] sums (6,). student_out is the chunk's
+    logits, or its hidden states when lm_head projects them here. Masked rows are dropped first (exactly zero
+    contribution)."""
+    student_logits = student_out if lm_head is None else lm_head(student_out)  # (n, V)
+    if target is not None:
+        agree = torch.stack(agreement_counts(student_logits, target, mask))     # (2,)
+    else:
+        agree = torch.zeros(2, device=student_logits.device)                    # (2,)
     if not bool(mask.all()):
         student_logits, labels = student_logits[mask], labels[mask]
         target = target[mask] if target is not None else None
@@ -86,8 +94,9 @@ def _objective_sums(student_logits: torch.Tensor, target: Target | None, labels:
         with torch.no_grad():  # logged only: no backward pass over the vocab for it
             ce_part = ce_rows(student_logits, labels)                          # (n,)
     zeros = torch.zeros_like(ce_part)                                          # (n,)
+    agree = agree.to(ce_part.dtype)
     if spec.name == "ce":
-        return torch.stack([ce_part.sum(), zeros.sum(), ce_part.sum(), zeros.sum()])
+        return torch.cat([torch.stack([ce_part.sum(), zeros.sum(), ce_part.sum(), zeros.sum()]), agree])
     base = spec.base
     if base is None:
         base_part = zeros
@@ -105,7 +114,7 @@ def _objective_sums(student_logits: torch.Tensor, target: Target | None, labels:
     else:
         kd_part = base_part
     loss = kd_part if spec.ce_weight == 0 else (1 - spec.ce_weight) * kd_part + spec.ce_weight * ce_part
-    return torch.stack([loss.sum(), kd_part.sum(), ce_part.sum(), rank_part.sum()])
+    return torch.cat([torch.stack([loss.sum(), kd_part.sum(), ce_part.sum(), rank_part.sum()]), agree])
 
 
 def keeps_vocab_sized_activations(spec: ObjectiveSpec, target: Target | None, mask: torch.Tensor) -> bool:
@@ -132,14 +141,16 @@ def agreement_counts(student_logits: torch.Tensor, target: Target, mask: torch.T
     return (same[:, 0] & mask).sum(), (same.all(-1) & mask).sum()
 
 
-def compute_objective(student_logits: torch.Tensor, target: Target | None, labels: torch.Tensor,
+def compute_objective(student_out: torch.Tensor, target: Target | None, labels: torch.Tensor,
                       mask: torch.Tensor, spec: ObjectiveSpec, taid_t: float | None = None,
-                      ) -> dict[str, torch.Tensor]:
+                      lm_head: Callable | None = None) -> dict[str, torch.Tensor]:
     """The training / evaluation objective, chunked along positions.
 
-    student_logits (N, V) float (requires grad when training); target SparseTarget (N, K) | teacher logits (N, V)
-    (may be None for name "ce"); labels (N,) int64 true next token; mask (N,) bool positions that count;
-    taid_t the TAID interpolation weight (required when spec.name == "taid").
+    student_out: the student's logits (N, V) float, or with lm_head its hidden states (N, H) and lm_head the
+    output layer (n, H) -> (n, V) float: the logits then exist one chunk at a time (checkpointed, so backward
+    rebuilds them chunk by chunk too) and the loss's peak memory is O(chunk_size * V), independent of N.
+    target SparseTarget (N, K) | teacher logits (N, V) (may be None for name "ce"); labels (N,) int64 true next
+    token; mask (N,) bool positions that count; taid_t the TAID interpolation weight (required for "taid").
     Returns scalars: "loss_sum" (with grad), "n_tokens", and detached "kd_sum" (the distillation part, absent
     for "ce"; TAID's J), "ce_sum", "rank_sum" (rlkd only), "top1_agree", "top5_order_agree" (when a target is
     given). The caller divides loss_sum by the global token count once.
@@ -149,9 +160,10 @@ def compute_objective(student_logits: torch.Tensor, target: Target | None, label
     if target is None and spec.name != "ce":
         raise ValueError(f"loss {spec.name!r} needs a teacher target")
     mask = mask.bool()
-    sums = chunked_sum(partial(_objective_sums, spec=spec, taid_t=taid_t), student_logits.shape[0],
-                       spec.chunk_size, student_logits, target, labels, mask,
-                       checkpoint_chunks=keeps_vocab_sized_activations(spec, target, mask))  # (4,)
+    checkpoint_chunks = lm_head is not None or keeps_vocab_sized_activations(spec, target, mask)
+    sums = chunked_sum(partial(_objective_sums, spec=spec, taid_t=taid_t, lm_head=lm_head), student_out.shape[0],
+                       spec.chunk_size, student_out, target, labels, mask,
+                       checkpoint_chunks=checkpoint_chunks)                      # (6,)
     out = {"loss_sum": sums[_LOSS], "n_tokens": mask.sum()}
     parts = sums.detach()
     if spec.name != "ce":
@@ -160,5 +172,5 @@ def compute_objective(student_logits: torch.Tensor, target: Target | None, label
     if spec.uses_rank:
         out["rank_sum"] = parts[_RANK]
     if target is not None:
-        out["top1_agree"], out["top5_order_agree"] = agreement_counts(student_logits, target, mask)
+        out["top1_agree"], out["top5_order_agree"] = parts[_TOP1], parts[_TOP5]
     return out

@@ -153,3 +153,40 @@ def test_arrow_backend_and_int8_values_end_to_end(tmp_path, tiny_teacher):
     np.testing.assert_array_equal(read_shard(converted, name)["logprobs"], sig["logprobs"])
     train.run(cfg)
     assert (cfg.student_dir / "final").exists()
+
+
+VICTIM = "train-00001"
+
+
+def dies_once_mid_task(token_dir, signal_dir, name, *args):
+    """Runs in a dask worker process: the first attempt at VICTIM computes the teacher's signal and then kills
+    its whole worker process (os._exit, no cleanup) just before committing the shard."""
+    from stages import precompute as worker_precompute
+    from storage import Store
+
+    marker = Path(signal_dir).parent / f"died-{name}"
+    if name == VICTIM and not marker.exists():
+        marker.write_text(str(os.getpid()))
+
+        def die(self, *a, **k):
+            os._exit(1)
+
+        Store.write_shard = die
+    return worker_precompute.precompute_shard(token_dir, signal_dir, name, *args)
+
+
+def test_worker_killed_mid_task_is_retried_and_the_store_ends_identical(tmp_path, tiny_teacher, monkeypatch):
+    sync = load_config(None, tiny_overrides(tmp_path / "sync", tiny_teacher))
+    prepare.run(sync)
+    precompute.run(sync)
+    dist = load_config(None, tiny_overrides(tmp_path / "dist", tiny_teacher,
+                                            **{"precompute.scheduler": "local", "precompute.workers": 2,
+                                               "precompute.threads_per_worker": 1}))
+    prepare.run(dist)
+    assert VICTIM in [r.name for r in open_store(dist.tokens_dir).manifest.layout]
+    monkeypatch.setattr(precompute, "precompute_shard", dies_once_mid_task)
+    store = precompute.run(dist)
+    died = dist.signals_dir.parent / f"died-{VICTIM}"
+    assert died.exists() and int(died.read_text()) != os.getpid()  # a worker process died, not this one
+    assert store.manifest.complete
+    assert _store_bytes(sync.signals_dir) == _store_bytes(dist.signals_dir)

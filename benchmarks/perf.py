@@ -1,0 +1,384 @@
+"""Performance benchmarks of the cache (`make bench`): five side-by-side ratios on the default teacher.
+
+  1. precompute wall time / a bare teacher forward over the same batches
+  2. reader decode (storage.read_shard of a top-k shard, pinned to one core) in tokens/s, and / the trainer's
+     consumption (tokens per offline-KD step time)
+  3. offline-KD training step / plain CE step, same student, same batches
+  4. offline-KD step vs online KD with the teacher in memory (dense teacher logits): speed-up and peak RSS saved
+     (peak RSS from two child processes that run the same steps, one of them with the teacher loaded)
+  5. precompute with 2 dask workers / 1 worker, one torch thread each, warm workers: scaling efficiency
+
+Every figure alternates the two sides it compares (A B A B ...) and reports the median of the per-repetition
+ratios, so load from other processes on a shared machine hits both sides alike. Writes OUT/perf.json and
+OUT/perf.md and prints the table.
+
+    python -m benchmarks.perf [--out runs/bench] [--reps 3] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_config
+from stages import precompute, prepare, train
+from stages.data import CachedKDDataset, Prefetcher
+from stages.losses import compute_objective
+from stages.models import build_student
+from storage import Store, open_store, read_shard
+
+TEACHER = "default"
+STUDENT = "layerdrop:6"
+SEQ_LEN = 128
+
+
+def _cfg(run_dir: Path, threads: int, **extra):
+    base = {"run_dir": str(run_dir), "prepare.seq_len": SEQ_LEN, "prepare.max_train_sequences": 16,
+            "prepare.max_validation_sequences": 4, "prepare.shard_sequences": 8,
+            "precompute.teacher": TEACHER, "precompute.scheduler": "sync", "precompute.batch_size": 8,
+            "precompute.threads_per_worker": threads, "train.student": STUDENT, "train.batch_size": 2,
+            "train.max_steps": 1000, "train.warmup_steps": 0, "train.prefetch": 2}
+    base.update(extra)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def _median_ratio(pairs: list[tuple[float, float]]) -> float:
+    return statistics.median(a / b for a, b in pairs)
+
+
+# ---- 1. precompute vs a bare teacher forward ---------------------------------------------------------------
+
+def bench_precompute(cfg, reps: int, threads: int) -> dict:
+    teacher = precompute._worker_teacher(TEACHER, threads)  # the model object precompute's tasks reuse
+    tokens = open_store(cfg.tokens_dir)
+    batches = []
+    for r in tokens.manifest.layout:
+        ids = torch.from_numpy(tokens.read_shard(r.name, ["input_ids"])["input_ids"].astype("int64"))  # (n, T)
+        batches += [ids[i:i + cfg.precompute.batch_size] for i in range(0, len(ids), cfg.precompute.batch_size)]
+    n_tokens = sum(b.numel() for b in batches)
+
+    def bare() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for b in batches:
+                teacher(b).logits                                               # (b, T, V)
+        return time.perf_counter() - start
+
+    task_seconds = []
+    real_task = precompute.precompute_shard
+
+    def timed_task(*args, **kwargs):
+        start = time.perf_counter()
+        out = real_task(*args, **kwargs)
+        task_seconds.append(time.perf_counter() - start)
+        return out
+
+    def full_run() -> tuple[float, float]:
+        task_seconds.clear()
+        shutil.rmtree(cfg.signals_dir, ignore_errors=True)  # else the rerun finds every shard done
+        precompute.precompute_shard = timed_task
+        try:
+            start = time.perf_counter()
+            precompute.run(cfg)
+            return time.perf_counter() - start, sum(task_seconds)
+        finally:
+            precompute.precompute_shard = real_task
+
+    bare()  # warm-up (first-call allocations)
+    rows = []
+    for _ in range(reps):
+        b = bare()
+        wall, tasks = full_run()
+        rows.append((b, wall, tasks))
+    return {"tokens": n_tokens, "bare_forward_s": [r[0] for r in rows], "precompute_wall_s": [r[1] for r in rows],
+            "precompute_tasks_s": [r[2] for r in rows],
+            "ratio_wall": _median_ratio([(r[1], r[0]) for r in rows]),
+            "ratio_tasks": _median_ratio([(r[2], r[0]) for r in rows]),
+            "teacher_tokens_per_s": n_tokens / statistics.median(r[0] for r in rows)}
+
+
+# ---- 2. reader decode ----------------------------------------------------------------------------------------
+
+def bench_reader(cfg, reps: int, min_seconds: float = 1.0) -> dict:
+    signals = open_store(cfg.signals_dir)
+    names = [r.name for r in signals.manifest.shards]
+    per_shard = {r.name: r.count * signals.manifest.params["seq_len"] for r in signals.manifest.shards}
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})  # one core, whatever threads the codecs would use
+    try:
+        rates = []
+        for _ in range(reps):
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < min_seconds:
+                for name in names:
+                    read_shard(signals, name)
+                    done += per_shard[name]
+            rates.append(done / (time.perf_counter() - start))
+        tokens = open_store(cfg.tokens_dir)
+        dataset = iter(CachedKDDataset(tokens, signals, "train", cfg.train.batch_size, seed=0))
+        stream_rates = []
+        for _ in range(reps):
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < min_seconds:
+                done += next(dataset)[1]["input_ids"].size
+            stream_rates.append(done / (time.perf_counter() - start))
+    finally:
+        os.sched_setaffinity(0, cpus)
+    return {"read_shard_tokens_per_s": statistics.median(rates), "read_shard_runs": rates,
+            "dataset_tokens_per_s": statistics.median(stream_rates), "dataset_runs": stream_rates,
+            "shard_tokens": statistics.median(per_shard.values()), "k": signals.manifest.params["k"],
+            "value_dtype": signals.manifest.params["value_dtype"]}
+
+
+# ---- 3 + 4. training steps: offline KD, plain CE, online KD --------------------------------------------------
+
+def _student_and_optimizer(cfg, device):
+    student = build_student(STUDENT, TEACHER, seed=0)
+    student.config.use_cache = False
+    student.to(device).train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    return student, optimizer
+
+
+def _offline_step(student, optimizer, stream, spec, cfg, device) -> float:
+    """The trainer's own step (train._train_step); its logged seconds."""
+    log = io.StringIO()
+    from stages.schedules import WarmupCosineLR
+    from tqdm.auto import tqdm
+
+    bar = tqdm(disable=True)
+    train._train_step(student, optimizer, stream, spec, cfg.train, device, WarmupCosineLR(1e-5, 0, 1000),
+                      None, 0, log, bar)
+    return json.loads(log.getvalue().splitlines()[-1])["seconds"]
+
+
+def _online_step(student, optimizer, teacher, stream, spec, cfg, device) -> float:
+    """The same step with the teacher in memory: its forward on the batch, then KD on its dense logits."""
+    start = time.perf_counter()
+    _, batch = next(stream)
+    positions, labels, _ = train.loss_inputs(batch)
+    with torch.no_grad():
+        dense = teacher(batch["input_ids"]).logits.flatten(0, 1)[positions].float()  # (N, V)
+    hidden = train.student_hidden(student, batch["input_ids"], positions)            # (N, H)
+    out = compute_objective(hidden, dense, labels, torch.ones_like(labels, dtype=torch.bool), spec,
+                            lm_head=train.output_head(student, device))
+    (out["loss_sum"] / max(1, labels.numel())).backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def _full_logits_step(student, optimizer, stream, spec, cfg, device) -> float:
+    """The offline-KD step as it was before the memory-lean loss: the (N, V) logits of the whole batch at once."""
+    start = time.perf_counter()
+    _, batch = next(stream)
+    positions, labels, target = train.loss_inputs(batch)
+    logits = train.output_head(student, device)(train.student_hidden(student, batch["input_ids"], positions))
+    out = compute_objective(logits, target, labels, torch.ones_like(labels, dtype=torch.bool), spec)  # (N, V) in
+    (out["loss_sum"] / max(1, labels.numel())).backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def bench_steps(cfg, reps: int, steps: int, threads: int) -> dict:
+    device = torch.device("cpu")
+    tokens, signals = train.open_stores(cfg)
+    student, optimizer = _student_and_optimizer(cfg, device)
+    teacher = precompute._worker_teacher(TEACHER, threads)
+    kd, ce = train.objective_spec(cfg.train), train.objective_spec(
+        load_config(None, ["train.loss=ce"]).train)
+    streams = {name: Prefetcher(CachedKDDataset(tokens, signals, "train", cfg.train.batch_size, seed=0), device, 2)
+               for name in ("kd", "ce", "online", "full")}
+    runs = {"kd": lambda: _offline_step(student, optimizer, streams["kd"], kd, cfg, device),
+            "ce": lambda: _offline_step(student, optimizer, streams["ce"], ce, cfg, device),
+            "online": lambda: _online_step(student, optimizer, teacher, streams["online"], kd, cfg, device),
+            "full": lambda: _full_logits_step(student, optimizer, streams["full"], kd, cfg, device)}
+    for run in runs.values():  # warm-up
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(steps * reps):
+        for name, run in runs.items():
+            times[name].append(run())
+    for s in streams.values():
+        s.close()
+    tokens_per_step = cfg.train.batch_size * SEQ_LEN
+    kd_median = statistics.median(times["kd"])
+    return {"batch": f"{cfg.train.batch_size}x{SEQ_LEN}", "step_s": times,
+            "kd_over_ce": _median_ratio(list(zip(times["kd"], times["ce"]))),
+            "online_over_offline": _median_ratio(list(zip(times["online"], times["kd"]))),
+            "lean_over_full_logits": _median_ratio(list(zip(times["kd"], times["full"]))),
+            "kd_step_s": kd_median, "trainer_tokens_per_s": tokens_per_step / kd_median}
+
+
+def rss_probe(run_dir: str, mode: str, threads: int) -> None:
+    """Child process: 3 offline-KD or online-KD steps of the benchmark student, then print peak RSS (MB). The
+    student is loaded from a saved copy, so the offline child never holds teacher weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    cfg = _cfg(Path(run_dir), threads)
+    device = torch.device("cpu")
+    tokens, signals = train.open_stores(cfg)
+    student = AutoModelForCausalLM.from_pretrained(Path(run_dir) / "student-init", dtype=torch.float32)
+    student.config.use_cache = False
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    stream = Prefetcher(CachedKDDataset(tokens, signals, "train", cfg.train.batch_size, seed=0), device, 2)
+    spec = train.objective_spec(cfg.train)
+    teacher = precompute._worker_teacher(TEACHER, threads) if mode == "online" else None
+    for _ in range(3):
+        if teacher is None:
+            _offline_step(student, optimizer, stream, spec, cfg, device)
+        else:
+            _online_step(student, optimizer, teacher, stream, spec, cfg, device)
+    stream.close()
+    # VmHWM, not getrusage's ru_maxrss: a child's ru_maxrss keeps the parent's RSS at fork
+    hwm = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
+
+
+def bench_rss(cfg, threads: int) -> dict:
+    student = build_student(STUDENT, TEACHER, seed=0)
+    student.save_pretrained(Path(cfg.run_dir) / "student-init")
+    del student
+    out = {}
+    for mode in ("offline", "online"):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.perf", "--probe", mode, "--probe-run",
+                               str(cfg.run_dir), "--threads", str(threads)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if proc.returncode != 0:
+            raise RuntimeError(f"rss probe {mode} failed: {proc.stderr[-2000:]}")
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    out["saved_mb"] = out["online"] - out["offline"]
+    return out
+
+
+# ---- 5. dask scaling -----------------------------------------------------------------------------------------
+
+def _warm_worker() -> None:
+    precompute._worker_teacher(TEACHER, 1)
+
+
+def bench_scaling(root: Path, reps: int) -> dict:
+    cfg = _cfg(root / "scaling", 1, **{"prepare.max_train_sequences": 12, "prepare.max_validation_sequences": 4,
+                                       "prepare.shard_sequences": 4, "precompute.batch_size": 4})
+    prepare.run(cfg)
+    n_tasks = len(open_store(cfg.tokens_dir).manifest.layout)
+    clusters = {}
+    try:
+        for n in (1, 2):
+            client, cluster = precompute._client("local", n, 1)
+            client.run(_warm_worker)  # the teacher loaded once in each worker, before the clock starts
+            clusters[n] = (client, cluster)
+        times = {1: [], 2: []}
+        for _ in range(reps):
+            for n, (client, cluster) in clusters.items():
+                shutil.rmtree(cfg.signals_dir, ignore_errors=True)
+                start = time.perf_counter()
+                store = precompute.run(cfg, scheduler=cluster.scheduler_address)
+                times[n].append(time.perf_counter() - start)
+                assert store.manifest.complete
+    finally:
+        for client, cluster in clusters.values():
+            client.close()
+            cluster.close()
+    speedup = _median_ratio(list(zip(times[1], times[2])))
+    return {"tasks": n_tasks, "seconds": times, "speedup": speedup, "efficiency": speedup / 2}
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": torch.cuda.is_available(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "load_average": os.getloadavg()}
+
+
+def table(r: dict) -> str:
+    p, rd, st, rss, sc = r["precompute"], r["reader"], r["steps"], r["rss"], r["scaling"]
+    ok = lambda cond: "yes" if cond else "**no**"
+    rows = [
+        "| # | figure | measured | target | met |", "|---|---|---|---|---|",
+        f"| 1 | precompute wall time ÷ bare teacher forward (same {p['tokens']} tokens) | "
+        f"{p['ratio_wall']:.3f} (tasks alone {p['ratio_tasks']:.3f}) | ≤ 1.10 | {ok(p['ratio_wall'] <= 1.10)} |",
+        f"| 2a | reader decode, `storage.read_shard` of a top-{rd['k']} shard, 1 core | "
+        f"{rd['read_shard_tokens_per_s'] / 1e6:.2f} M tokens/s | ≥ 1 M | {ok(rd['read_shard_tokens_per_s'] >= 1e6)} |",
+        f"| 2b | reader decode ÷ trainer consumption ({st['trainer_tokens_per_s']:.0f} tokens/s) | "
+        f"{rd['read_shard_tokens_per_s'] / st['trainer_tokens_per_s']:.0f}× | ≥ 20× | "
+        f"{ok(rd['read_shard_tokens_per_s'] / st['trainer_tokens_per_s'] >= 20)} |",
+        f"| 2c | trainer's stream (`CachedKDDataset`: read + decode + batch), 1 core | "
+        f"{rd['dataset_tokens_per_s'] / 1e6:.2f} M tokens/s | | |",
+        f"| 3 | offline-KD step ÷ plain CE step (same student, batch {st['batch']}) | {st['kd_over_ce']:.3f} | "
+        f"≤ 1.15 | {ok(st['kd_over_ce'] <= 1.15)} |",
+        f"| 4a | online KD step (teacher in memory) ÷ offline-KD step: speed-up | "
+        f"{st['online_over_offline']:.2f}× | | |",
+        f"| 4b | peak RSS, online KD − offline KD | {rss['saved_mb']:.0f} MB saved "
+        f"({rss['online']:.0f} → {rss['offline']:.0f} MB) | | |",
+        f"| 5 | precompute, 2 dask workers ÷ 1 (1 thread each, {sc['tasks']} tasks): speed-up, efficiency | "
+        f"{sc['speedup']:.2f}×, {sc['efficiency']:.0%} | | |",
+        f"| 6 | memory-lean loss step ÷ the same step with the whole (B·T, V) logits | "
+        f"{st['lean_over_full_logits']:.3f} | | |",
+    ]
+    m = r["machine"]
+    rows += ["", f"Machine: {m['cores']} CPU cores ({m['cpu']}), GPU: {'yes' if m['gpu'] else 'no'}, torch "
+             f"{m['torch']}, Python {m['python']}; load average at start {r['load_start'][0]:.1f}, at end "
+             f"{m['load_average'][0]:.1f}. Teacher SmolLM2-135M-Instruct (fp32, {p['teacher_tokens_per_s']:.0f} "
+             f"tokens/s bare forward here), student {STUDENT}, seq_len {SEQ_LEN}, {r['threads']} torch "
+             f"thread(s), medians of {r['reps']} repetitions (steps: {len(st['step_s']['kd'])} each)."]
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="training steps per repetition and side")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probe", choices=("offline", "online"), help=argparse.SUPPRESS)
+    ap.add_argument("--probe-run", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.probe:
+        return rss_probe(args.probe_run, args.probe, args.threads)
+    from pipeline.cli import _quiet_libraries
+
+    _quiet_libraries()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"load_start": os.getloadavg(), "threads": args.threads, "reps": args.reps}
+    cfg = _cfg(out / "perf", args.threads)
+    prepare.run(cfg)
+    phases = [("precompute", lambda: bench_precompute(cfg, args.reps, args.threads)),
+              ("reader", lambda: bench_reader(cfg, args.reps)),
+              ("steps", lambda: bench_steps(cfg, args.reps, args.steps, args.threads)),
+              ("rss", lambda: bench_rss(cfg, args.threads)),
+              ("scaling", lambda: bench_scaling(out, max(2, args.reps - 1)))]
+    for name, phase in phases:
+        start = time.perf_counter()
+        results[name] = phase()
+        print(f"bench: {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+    results["machine"] = machine()
+    md = table(results)
+    (out / "perf.json").write_text(json.dumps(results, indent=1))
+    (out / "perf.md").write_text(md + "\n")
+    print(md)
+    print(f"bench: wrote {out / 'perf.json'} and {out / 'perf.md'}")
+
+
+if __name__ == "__main__":
+    main()
