@@ -145,6 +145,8 @@ def test_corruption_is_detected_and_named(tmp_path, backend, damage):
         victim.write_bytes(data[:len(data) // 2])
     else:
         os.remove(victim)
-    with pytest.raises(StoreError, match="shard .*train-00001 is corrupted"):
+    rel = victim.relative_to(opened.shard_dir("train-00001")).as_posix()
+    state = "is missing" if damage == "delete" else "differs"
+    with pytest.raises(StoreError, match=f"shard .*train-00001 is corrupted \\(file {rel} {state}, checksum"):
         opened.read_shard("train-00001")
     opened.read_shard("train-00000")  # the others still read
