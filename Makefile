@@ -13,7 +13,7 @@ OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
 S = $(RUN)/.stages
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean
+.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean experiment-committee
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -66,6 +66,9 @@ $(S)/train.done: $(S)/precompute.done $(S)/train.config
 
 $(S)/evaluate.done: $(S)/train.done $(S)/evaluate.config
 	$(KD) evaluate $(OPTS)
+
+experiment-committee: $(STAMP)  ## teacher alone vs teacher + complementary teacher (uniform/confidence/learned weights)
+	$(PYTHON) -m benchmarks.committee
 
 docs:  ## regenerate the README's CLI reference from the CLI's help texts
 	$(PYTHON) -m pipeline.clidoc README.md
