@@ -40,7 +40,7 @@ demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train ->
 
 # Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
 # this cannot run; the pattern rule below then writes the stamps once kdcache is installed.
-ifeq ($(filter help install clean docs test test-fast,$(MAKECMDGOALS)),)
+ifeq ($(filter help install clean docs test test-fast experiment-committee,$(MAKECMDGOALS)),)
 _ := $(shell $(KD) stamps $(OPTS) 2>/dev/null)
 endif
 $(S)/%.config: | $(STAMP)

@@ -143,3 +143,33 @@ def test_module_does_not_push_the_student():
     module = TeacherUnderstanding(8, 3, dim=4)
     cl.mixture_nll(module(hidden), torch.randn(5, 3)).backward()
     assert hidden.grad is None and module.proj.weight.grad is not None
+
+
+def test_members_and_committee_config_from_overrides():
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["precompute.members=[ta=/models/a, big=hub/model]", "train.committee=[teacher,ta]",
+                             "train.committee_weights=fixed", "train.committee_fixed=[1, 3]"])
+    assert cfg.precompute.sources() == [("teacher", "default"), ("ta", "/models/a"), ("big", "hub/model")]
+    assert cfg.train.committee == ["teacher", "ta"] and cfg.train.committee_fixed == [1.0, 3.0]
+    assert load_config(None, ["precompute.members=ta=/x"]).precompute.members == ["ta=/x"]  # one scalar is a list
+    assert load_config(None, []).precompute.sources() == [("teacher", "default")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("precompute.members=[a=/x,a=/y]", "'a' is used twice"),
+    ("precompute.members=[teacher=/x]", "is the teacher's own source"),
+    ("precompute.members=[a]", "is not name=model_spec"),
+    ("precompute.members=[../up=/x]", "not a valid source name"),
+    ("precompute.members={a: x}", "must be a list"),
+    ("train.committee=[a,a]", "lists a source twice"),
+    ("train.committee_weights=best", "is not one of learned, uniform, fixed, confidence"),
+    ("train.committee_fixed=[a]", r"train.committee_fixed\[0\] must be float"),
+    ("train.output=../x", "not a valid source name"),
+])
+def test_bad_committee_config_is_a_one_line_error(override, message):
+    from pipeline.config import load_config
+    from pipeline.errors import KdcacheError
+
+    with pytest.raises(KdcacheError, match="invalid config: .*" + message):
+        load_config(None, [override])
