@@ -15,7 +15,8 @@ Steps, all in one run folder runs/experiments/committee/run:
   5. the learned weights on the held-out split, split by the class of the true next token (whitespace /
      punctuation / digits / word = identifier-like / other) and by whether the teacher's top-1 is right, next to
      which member actually gives the true token more probability there.
-Writes results.json and results.md into runs/experiments/committee/.
+Writes results.json and results.md into runs/experiments/committee/. On a crowded machine the four students can
+run as parallel processes (`--only NAME`, same budget); a final run without --only reuses their measurements.
 """
 from __future__ import annotations
 
@@ -138,13 +139,16 @@ def main() -> None:
     parser.add_argument("--train-sequences", type=int, default=64)
     parser.add_argument("--validation-sequences", type=int, default=24)
     parser.add_argument("--student", default="layerdrop:4")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--comp-steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--comp-steps", type=int, default=30)
     parser.add_argument("--comp-lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--only", choices=[o for _, o, _ in STUDENTS], default=None,
+                        help="train + evaluate this one student (to run students as parallel processes); a run "
+                             "without --only reuses every student already measured and writes the results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = args.out
@@ -163,29 +167,20 @@ def main() -> None:
                                                              "train.max_steps": args.comp_steps,
                                                              "train.lr": args.comp_lr}))
     t0 = time.perf_counter()
-    comp_path = train.run(comp_cfg)
+    comp_path = comp_cfg.student_dir / "final"
+    if not (comp_path / "config.json").exists():  # parallel --only runs must not rewrite it
+        comp_path = train.run(comp_cfg)
     precompute.run(cfg, source="comp", model=str(comp_path))
     timings["complementary teacher (train + cache)"] = time.perf_counter() - t0
+    if args.only:
+        measure_student(run_dir, args, *next(s for s in STUDENTS if s[1] == args.only))
+        return
     results = {"member_perplexity": member_perplexities(load_config(None, overrides(run_dir, args))),
                "comp_student": evaluate_model(_load(comp_path), *train.open_stores(cfg), 8, None,
                                               torch.device("cpu"), "evaluate (comp)")}
-
-    rows = []
-    for label, output, extra in STUDENTS:
-        scfg = load_config(None, overrides(run_dir, args, **{"train.output": output, **extra}))
-        t0 = time.perf_counter()
-        final = train.run(scfg)
-        seconds = time.perf_counter() - t0
-        metrics = evaluate_model(_load(final), *train.open_stores(scfg), 8, None, torch.device("cpu"),
-                                 f"evaluate ({output})")
-        log = [json.loads(l) for l in (scfg.student_dir / "metrics.jsonl").read_text().splitlines()]
-        row = {"label": label, "output": output, "train_seconds": seconds, **metrics}
-        if scfg.train.committee:
-            row["train_mean_alpha"] = {m: sum(r[f"alpha_{m}"] for r in log) / len(log) for m in MEMBERS}
-            row["train_final_alpha"] = {m: log[-1][f"alpha_{m}"] for m in MEMBERS}
-            row["train_final_committee_nll"] = log[-1]["committee_nll"]
-        rows.append(row)
-        timings[f"train {output}"] = seconds
+    rows = [measure_student(run_dir, args, *student) for student in STUDENTS]
+    for row in rows:
+        timings[f"train {row['output']}"] = row["train_seconds"]
     results["students"] = rows
     learned_cfg = load_config(None, overrides(run_dir, args, **{"train.output": "learned", **STUDENTS[-1][2]}))
     results["learned_weight_split"] = weight_split(learned_cfg, learned_cfg.student_dir,
@@ -199,6 +194,32 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(render(results))
     print(render(results))
+
+
+def measure_student(run_dir: Path, args, label: str, output: str, extra: dict) -> dict:
+    """Train one student and evaluate it on the teacher's held-out cache; kept in RUN/<output>/measured.json
+    so a later run reuses it."""
+    scfg = load_config(None, overrides(run_dir, args, **{"train.output": output, **extra}))
+    saved = scfg.student_dir / "measured.json"
+    if saved.exists():
+        row = json.loads(saved.read_text())
+        if row.get("budget") == {k: v for k, v in vars(args).items() if k not in ("only", "out")}:
+            return row
+    t0 = time.perf_counter()
+    final = train.run(scfg)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate_model(_load(final), *train.open_stores(scfg), 8, None, torch.device("cpu"),
+                             f"evaluate ({output})")
+    log = [json.loads(l) for l in (scfg.student_dir / "metrics.jsonl").read_text().splitlines()]
+    row = {"label": label, "output": output, "train_seconds": seconds,
+           "median_step_seconds": sorted(r["seconds"] for r in log)[len(log) // 2], **metrics}
+    if scfg.train.committee:
+        row["train_mean_alpha"] = {m: sum(r[f"alpha_{m}"] for r in log) / len(log) for m in MEMBERS}
+        row["train_final_alpha"] = {m: log[-1][f"alpha_{m}"] for m in MEMBERS}
+        row["train_final_committee_nll"] = log[-1]["committee_nll"]
+    row["budget"] = {k: v for k, v in vars(args).items() if k not in ("only", "out")}
+    saved.write_text(json.dumps(row, indent=1))
+    return row
 
 
 def _load(path: Path):

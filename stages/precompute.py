@@ -73,7 +73,8 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
     if model_tok != tokens.manifest.fingerprints["tokenizer"]:
         raise KdcacheError(f"{source} {model!r} tokenizer {model_tok} differs from the token store's "
                            f"{tokens.manifest.fingerprints['tokenizer']}: every source must share the tokenizer "
-                           "the data was prepared with")
+                           "the data was prepared with (the student's; cross-tokenizer members are not supported "
+                           "yet)")
     vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
     if pc.k > vocab_size:
         raise KdcacheError(f"precompute.k={pc.k} exceeds the {source}'s vocabulary ({vocab_size})")
