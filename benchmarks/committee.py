@@ -251,7 +251,11 @@ def render(r: dict) -> str:
     for name, g in r["learned_weight_split"].items():
         lines.append(f"| {name} | {g['positions']} | {g['alpha_teacher']:.3f} | {g['alpha_comp']:.3f} | "
                      f"{g['comp_better_share']:.1%} |")
-    lines += ["", f"Total {r['total_seconds'] / 60:.1f} min on {r['machine']}; command `{r['command']}`."]
+    train_min = sum(row["train_seconds"] for row in r["students"]) / 60
+    lines += ["", f"Students' training {train_min:.1f} min in total (median step "
+              f"{sorted(row['median_step_seconds'] for row in r['students'])[len(r['students']) // 2]:.0f} s), "
+              f"this invocation {r['total_seconds'] / 60:.1f} min (measured students are reused), on {r['machine']}; "
+              f"command `{r['command']}`."]
     return "\n".join(lines) + "\n"
 
 
