@@ -13,7 +13,7 @@ OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
 STAMP = .install.stamp
 S = $(RUN)/.stages
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache bench-store experiment-objectives bench
+.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache bench-store experiment-objectives bench experiment-committee
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -78,6 +78,9 @@ bench-store: $(STAMP)  ## bytes/token of a top-16 cache per value encoding and b
 
 experiment-objectives: $(STAMP)  ## SFT vs KL vs TAID (adaptive, linear t) vs KL+RLKD on one cache (runs/experiments/objectives)
 	$(PYTHON) -m benchmarks.objectives
+
+experiment-committee: $(STAMP)  ## teacher alone vs teacher + complementary teacher (uniform/confidence/learned weights)
+	$(PYTHON) -m benchmarks.committee
 
 docs:  ## regenerate the README's CLI reference from the CLI's help texts
 	$(PYTHON) -m pipeline.clidoc README.md

@@ -56,12 +56,19 @@ def prepare(cfg: Config, overwrite: bool):
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="dask scheduler address (tcp://host:port), 'local' (LocalCluster) or 'sync' (in-process).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing signal store built from other inputs.")
-def precompute(cfg: Config, scheduler: str | None, overwrite: bool):
-    """Run the teacher once and cache its top-k signal (RUN/signals/teacher)."""
+@click.option("--source", default=None, metavar="NAME",
+              help="Cache only this one source (e.g. a complementary teacher) in RUN/signals/NAME.")
+@click.option("--model", default=None, metavar="SPEC",
+              help="The model of --source: a local dir, .gguf file or hub id (default precompute.teacher).")
+def precompute(cfg: Config, scheduler: str | None, overwrite: bool, source: str | None, model: str | None):
+    """Run the teacher and every precompute.members entry once; cache each one's top-k signal (RUN/signals/<source>)."""
     from stages import precompute as stage
 
-    stage.run(cfg, scheduler=scheduler, overwrite=overwrite)
-    mark_done(cfg, "precompute")
+    if model is not None and source is None:
+        raise KdcacheError("--model needs --source NAME: the signal store the model's signal is cached in")
+    stage.run(cfg, scheduler=scheduler, overwrite=overwrite, source=source, model=model)
+    if source is None:  # precompute.done means: the teacher and all members are cached
+        mark_done(cfg, "precompute")
 
 
 @cli.command()

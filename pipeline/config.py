@@ -15,6 +15,7 @@ from pipeline.errors import KdcacheError
 
 BACKENDS = ("zarr", "arrow")  # storage backends (storage/_zarr.py, storage/_arrow.py)
 SIGNAL_KINDS = ("topk", "sample", "hybrid")  # what precompute caches per position (stages/signals.py)
+COMMITTEE_WEIGHTS = ("learned", "uniform", "fixed", "confidence")
 TEACHER_SOURCE = "teacher"  # the name of the teacher's signal store; other sources are named by the user
 
 
@@ -73,8 +74,20 @@ class PrecomputeConfig:
     retries: int = 2                   # reruns of a task that raised on a dask cluster (a lost worker's task is
                                        # rescheduled by the scheduler regardless)
     backend: str = "zarr"              # zarr (Zarr v3, sharded, zstd) | arrow (Arrow IPC, zstd)
+    # committee members cached beside the teacher, "name=model_spec" each (foundation / complementary teachers,
+    # assistants): RUN/signals/<name>. Every member must share the tokenizer the data was prepared with.
+    members: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        names = [TEACHER_SOURCE]
+        for item in self.members:
+            name, sep, spec = str(item).partition("=")
+            _check(bool(sep) and bool(spec.strip()), f"precompute.members entry {item!r} is not name=model_spec")
+            check_source_name(name.strip(), "precompute.members name")
+            _check(name.strip() != TEACHER_SOURCE, f"precompute.members name {TEACHER_SOURCE!r} is the teacher's "
+                                                   "own source (precompute.teacher): choose another name")
+            _check(name.strip() not in names, f"precompute.members name {name.strip()!r} is used twice")
+            names.append(name.strip())
         _check(self.signal in SIGNAL_KINDS, f"precompute.signal {self.signal!r} is not one of {', '.join(SIGNAL_KINDS)}")
         _check(self.k >= 1, f"precompute.k must be >= 1, got {self.k}")
         _check(1 <= self.samples <= 255, f"precompute.samples must be in 1..255 (counts are stored as uint8), got {self.samples}")
@@ -84,6 +97,10 @@ class PrecomputeConfig:
         _check(self.workers >= 1, f"precompute.workers must be >= 1, got {self.workers}")
         _check(self.retries >= 0, f"precompute.retries must be >= 0, got {self.retries}")
         _check(self.backend in BACKENDS, f"precompute.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+
+    def sources(self) -> list[tuple[str, str]]:
+        """[(source name, model spec)] cached by one precompute run: the teacher first, then the members."""
+        return [(TEACHER_SOURCE, self.teacher)] + [tuple(p.strip() for p in m.partition("=")[::2]) for m in self.members]
 
 
 @dataclass
@@ -120,6 +137,13 @@ class TrainConfig:
     prefetch: int = 4                  # batches read ahead in a background thread
     chunk_size: int = 1024             # positions per loss chunk
     log_every: int = 10
+    output: str = "student"            # the student's folder inside the run: RUN/<output> (e.g. a complementary teacher)
+    # teaching committee: the sources the student learns from at once (empty: the single source train.source)
+    committee: list[str] = field(default_factory=list)
+    committee_weights: str = "learned"  # learned (teacher-understanding module) | uniform | fixed | confidence
+    committee_fixed: list[float] = field(default_factory=list)  # weights per member for "fixed" (normalised to sum 1)
+    committee_dim: int = 64            # the module's teacher-embedding size d
+    committee_lr: float = 1e-2         # the module's own AdamW learning rate (constant)
 
     def __post_init__(self):
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -142,6 +166,19 @@ class TrainConfig:
         _check(self.precision in ("auto", "bf16", "fp32"), f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
         _check(self.prefetch >= 0, f"train.prefetch must be >= 0, got {self.prefetch}")
         check_source_name(self.source, "train.source")
+        check_source_name(self.output, "train.output")
+        for name in self.committee:
+            check_source_name(name, "train.committee member")
+        _check(len(set(self.committee)) == len(self.committee), f"train.committee lists a source twice: {self.committee}")
+        _check(self.committee_weights in COMMITTEE_WEIGHTS,
+               f"train.committee_weights {self.committee_weights!r} is not one of {', '.join(COMMITTEE_WEIGHTS)}")
+        if self.committee and self.committee_weights == "fixed":
+            _check(len(self.committee_fixed) == len(self.committee) and all(w >= 0 for w in self.committee_fixed)
+                   and sum(self.committee_fixed) > 0,
+                   f"train.committee_fixed needs {len(self.committee)} weights >= 0 with a positive sum "
+                   f"(one per train.committee member), got {self.committee_fixed}")
+        _check(self.committee_dim >= 1, f"train.committee_dim must be >= 1, got {self.committee_dim}")
+        _check(self.committee_lr > 0, f"train.committee_lr must be > 0, got {self.committee_lr}")
 
 
 @dataclass
@@ -177,7 +214,7 @@ class Config:
 
     @property
     def student_dir(self) -> Path:
-        return Path(self.run_dir) / "student"
+        return Path(self.run_dir) / self.train.output
 
     @property
     def eval_dir(self) -> Path:
@@ -194,6 +231,8 @@ _SECTION_TYPES = {"prepare": PrepareConfig, "precompute": PrecomputeConfig, "tra
 
 def _coerce(value, hint, key: str):
     """YAML reads `1e-4` as a string and users write `true`/`3` for typed fields: convert to the field's type."""
+    if typing.get_origin(hint) is list:
+        return _coerce_list(value, typing.get_args(hint)[0], key)
     args = typing.get_args(hint) or (hint,)
     if value is None:
         if type(None) in args:
@@ -218,6 +257,17 @@ def _coerce(value, hint, key: str):
         return str(value)
     wanted = " or ".join(a.__name__ for a in args)
     raise KdcacheError(f"invalid config: {key} must be {wanted}, got {value!r}")
+
+
+def _coerce_list(value, item_hint, key: str) -> list:
+    """A YAML list (or one scalar, or null for empty) whose items are coerced like scalar fields."""
+    if value is None:
+        return []
+    if isinstance(value, (tuple, list)):
+        return [_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):  # `-s precompute.members=[a: x]` style slips: a mapping is not a list
+        raise KdcacheError(f"invalid config: {key} must be a list, got {value!r}")
+    return [_coerce(value, item_hint, key)]
 
 
 def _build(cls, values: dict, where: str):

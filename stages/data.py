@@ -24,23 +24,40 @@ def epoch_order(n_shards: int, shard_sizes: list[int], seed: int, epoch: int) ->
     return [(int(s), rng.permutation(shard_sizes[s])) for s in order]
 
 
+SIGNAL_FIELDS = ("sig_ids", "sig_logprobs", "sig_lognorm")
+
+
+def signal_key(field: str, source: str | None) -> str:
+    """Batch key of a signal field: "sig_ids" for a single store, "sig_ids@<source>" for a committee member."""
+    return field if source is None else f"{field}@{source}"
+
+
 class CachedKDDataset(IterableDataset):
     """Yields (next_position, batch) forever (epoch after epoch), starting at sequence position `start`.
 
     batch (numpy): input_ids (B, T) int64, loss_mask (B, T) bool, and with a signal store
     sig_ids (B, T, C) int64, sig_logprobs (B, T, C) float32, sig_lognorm (B, T) float32 (decoded, any kind;
     sampled kinds have a different C per shard: a batch is padded to its widest, see `stack_sequences`).
+    `signals` may be a dict {source: Store} (a committee): every member is read in lockstep (same shard, same
+    sequence order) and its fields are keyed signal_key(field, source), e.g. "sig_ids@teacher".
     `shards` restricts the stream to a subset of the split's shards. With `world` > 1 ranks, every rank computes
     the same epoch order and streams only its share of it (entries rank, rank + world, ...): the ranks read
     disjoint shards, and with shards of `batch_size` sequences the ranks' batches of a step are together exactly
     the single-process batch of world * batch_size. Positions then count this rank's sequences.
     """
 
-    def __init__(self, tokens: Store, signals: Store | None, split: str, batch_size: int, seed: int = 0,
-                 start: int = 0, shuffle: bool = True, shards: list[str] | None = None, epochs: int | None = None,
-                 rank: int = 0, world: int = 1):
+    def __init__(self, tokens: Store, signals: Store | dict[str, Store] | None, split: str, batch_size: int,
+                 seed: int = 0, start: int = 0, shuffle: bool = True, shards: list[str] | None = None,
+                 epochs: int | None = None, rank: int = 0, world: int = 1):
         super().__init__()
         self.tokens, self.signals = tokens, signals
+        if isinstance(signals, dict):
+            if not signals:
+                raise ValueError("a committee needs at least one signal store")
+            expect = {"token_store": tokens.manifest.fingerprint(),
+                      "tokenizer": tokens.manifest.fingerprints["tokenizer"]}
+            for store in signals.values():  # aligned with these tokens, or positions would silently mismatch
+                store.check(expect)
         records = tokens.manifest.splits().get(split, [])
         if shards is not None:
             records = [r for r in records if r.name in set(shards)]
@@ -57,9 +74,12 @@ class CachedKDDataset(IterableDataset):
     def _shard(self, name: str) -> dict[str, np.ndarray]:
         arrays = self.tokens.read_shard(name)
         out = {"input_ids": arrays["input_ids"].astype(np.int64), "loss_mask": arrays["loss_mask"].astype(bool)}
-        if self.signals is not None:
-            sig = decode_signal(self.signals.read_shard(name), self.signals.manifest.params)
-            out.update(sig_ids=sig["ids"], sig_logprobs=sig["logprobs"], sig_lognorm=sig["lognorm"])
+        stores = self.signals if isinstance(self.signals, dict) else {None: self.signals}
+        for source, store in stores.items():
+            if store is not None:
+                sig = decode_signal(store.read_shard(name), store.manifest.params)
+                for field, array in zip(SIGNAL_FIELDS, (sig["ids"], sig["logprobs"], sig["lognorm"])):
+                    out[signal_key(field, source)] = array
         return out
 
     def _epoch(self, epoch: int) -> list[tuple[int, np.ndarray]]:

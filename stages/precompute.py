@@ -1,8 +1,10 @@
-"""precompute: run the teacher once over the token store and write its sparse signal to a signal store.
+"""precompute: run the teacher (and every committee member) once over the token store and write each one's
+sparse signal to its own signal store, RUN/signals/<source>, aligned 1:1 with the token store.
 
-The work is a dask graph of coarse, idempotent tasks, one per shard: a task reads its token shard, runs the
-teacher (loaded once per worker process and cached), and commits its signal shard straight into the store.
-Only a small summary goes back to the driver. Shards already committed are skipped, so a killed run resumes.
+The work is one dask graph of coarse, idempotent tasks, one per (source, shard): a task reads its token shard,
+runs the source's model (loaded once per worker process and cached), and commits its signal shard straight into
+that source's store. Only a small summary goes back to the driver. Shards already committed are skipped, so a
+killed run resumes and a member added later costs only its own shards.
 On a cluster a task whose worker dies is rescheduled on another worker by the scheduler, and a task that raises
 is retried `precompute.retries` times; as tasks are idempotent (a shard is committed once, atomically, and a
 rewrite of identical bytes is a no-op) either way the store ends complete and identical.
@@ -17,7 +19,7 @@ import dask
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import TEACHER_SOURCE, Config
+from pipeline.config import Config, check_source_name
 from pipeline.errors import KdcacheError
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 from stages.runtime import pick_device
@@ -77,7 +79,8 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
     if model_tok != tokens.manifest.fingerprints["tokenizer"]:
         raise KdcacheError(f"{source} {model!r} tokenizer {model_tok} differs from the token store's "
                            f"{tokens.manifest.fingerprints['tokenizer']}: every source must share the tokenizer "
-                           "the data was prepared with")
+                           "the data was prepared with (the student's; cross-tokenizer members are not supported "
+                           "yet)")
     vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
     if pc.signal != "sample" and pc.k > vocab_size:
         raise KdcacheError(f"precompute.k={pc.k} exceeds the {source}'s vocabulary ({vocab_size})")
@@ -121,28 +124,47 @@ def _has_dashboard() -> bool:
     return importlib.util.find_spec("bokeh") is not None
 
 
-def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, source: str = TEACHER_SOURCE,
+def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, source: str | None = None,
         model: str | None = None) -> Store:
-    """Cache the signal of `model` (default: precompute.teacher) as source `source` in RUN/signals/<source>."""
+    """Cache the signal of every source of precompute (the teacher, then precompute.members), each in its own
+    store RUN/signals/<source>, in one dask graph. With `source` (and `model`, default precompute.teacher): that
+    one source only. Returns the first source's store (the teacher's, or `source`'s)."""
+    if source is None:
+        sources = cfg.precompute.sources()
+    else:
+        check_source_name(source, "precompute source")
+        sources = [(source, model or cfg.precompute.teacher)]
+    return run_sources(cfg, sources, scheduler, overwrite)[0]
+
+
+def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | None = None,
+                overwrite: bool = False) -> list[Store]:
+    """Cache [(source, model spec)] into RUN/signals/<source>, aligned to the same token store. One task per
+    (source, shard) not yet committed; tasks of the sources are interleaved shard by shard so every worker
+    stays busy, and each worker loads a model once (_TEACHERS). Every model must share the token store's
+    tokenizer (checked before any task runs)."""
     pc = cfg.precompute
     scheduler = scheduler or pc.scheduler
-    model = model or pc.teacher
-    out_dir = cfg.signal_dir(source)
     tokens = Store.open(cfg.tokens_dir)
-    manifest = signal_manifest(cfg, tokens, source, model)
-    signals = Store.create(out_dir, manifest, overwrite)
-    done = signals.committed()
-    todo = [r for r in manifest.layout if r.name not in done]
-    seq_len = manifest.params["seq_len"]
-    total = sum(r.count for r in manifest.layout) * seq_len
+    manifests = [signal_manifest(cfg, tokens, name, spec) for name, spec in sources]  # refuses a mismatch first
+    stores = [Store.create(cfg.signal_dir(name), manifest, overwrite) for (name, _), manifest in zip(sources, manifests)]
+    todo = [[r for r in store.manifest.layout if r.name not in store.committed()] for store in stores]
+    seq_len = tokens.manifest.params["seq_len"]
+    total = sum(r.count for r in tokens.manifest.layout) * seq_len * len(sources)
     threads = pc.threads_per_worker or max(1, (os.cpu_count() or 1) // pc.workers)
-    tasks = [dask.delayed(precompute_shard, pure=True)(str(cfg.tokens_dir), str(out_dir), r.name,
-                                                       model, pc.batch_size, threads)
-             for r in todo]
-    bar = tqdm(total=total, initial=total - sum(r.count for r in todo) * seq_len, unit="tok", unit_scale=True,
-               desc=f"precompute {source} ({len(todo)} of {len(manifest.layout)} shards to do)", smoothing=0.1)
+    tasks = []
+    for i in range(max((len(t) for t in todo), default=0)):  # shard i of every source, then shard i + 1, ...
+        for (name, spec), store, records in zip(sources, stores, todo):
+            if i < len(records):
+                tasks.append(dask.delayed(precompute_shard, pure=True)(
+                    str(cfg.tokens_dir), str(store.path), records[i].name, spec, pc.batch_size, threads))
+    n_todo = sum(len(t) for t in todo)
+    n_shards = len(tokens.manifest.layout) * len(sources)
+    what = sources[0][0] if len(sources) == 1 else f"{len(sources)} sources"
+    bar = tqdm(total=total, initial=total - sum(r.count for t in todo for r in t) * seq_len, unit="tok",
+               unit_scale=True, desc=f"precompute {what} ({n_todo} of {n_shards} shards to do)", smoothing=0.1)
     try:
-        if not todo:
+        if not tasks:
             pass
         elif scheduler == "sync":
             for task in tasks:
@@ -165,13 +187,15 @@ def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, sour
                     cluster.close()
     finally:
         bar.close()
-        signals.refresh_manifest()
-    if not signals.manifest.complete:
-        raise KdcacheError(f"precompute finished with {len(manifest.layout) - len(signals.manifest.shards)} "
-                           f"shards missing in {out_dir}: rerun to resume")
-    mb = signals.nbytes() / 1e6
+        for store in stores:
+            store.refresh_manifest()
     what = {"topk": f"top-{pc.k}", "sample": f"sample N={pc.samples}",
             "hybrid": f"top-{pc.k} + N={pc.samples} tail draws"}[pc.signal]
-    print(f"precompute: {total} positions, {what}, {mb:.1f} MB ({signals.nbytes() / total:.1f} B/token) "
-          f"-> {out_dir}", flush=True)
-    return signals
+    for (name, _), store in zip(sources, stores):
+        if not store.manifest.complete:
+            raise KdcacheError(f"precompute finished with {len(store.manifest.layout) - len(store.manifest.shards)} "
+                               f"shards missing in {store.path}: rerun to resume")
+        positions = sum(r.count for r in store.manifest.layout) * seq_len
+        print(f"precompute: {name}: {positions} positions, {what}, {store.nbytes() / 1e6:.1f} MB "
+              f"({store.nbytes() / positions:.1f} B/token) -> {store.path}", flush=True)
+    return stores

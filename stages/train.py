@@ -8,6 +8,8 @@ Under torchrun (WORLD_SIZE > 1) every rank streams its own disjoint shards, the 
 token count of the step and the gradients are summed over the ranks once per step, so the run follows the
 single-process one with batch_size x world. Rank 0 writes the log, the checkpoints (which record the world size
 and every rank's stream position) and the student. A single process takes none of these detours.
+With train.committee the student reads several sources in lockstep and learns from their weighted mix
+(stages.losses.committee; weights learned by stages.committee.TeacherUnderstanding, or a baseline).
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TEACHER_SOURCE, Config, TrainConfig
 from pipeline.errors import KdcacheError
-from stages.data import CachedKDDataset, Prefetcher
+from stages.committee import TeacherUnderstanding
+from stages.data import CachedKDDataset, Prefetcher, signal_key
 from stages.losses import ObjectiveSpec, compute_objective
+from stages.losses import committee as committee_loss
 from stages.models import build_student, load_tokenizer, resolve_model_path, tokenizer_fingerprint
 from stages.runtime import all_reduce_sum, autocast, init_distributed, pick_device
 from stages.schedules import TAIDSchedule, WarmupCosineLR
@@ -59,6 +63,19 @@ def open_stores(cfg: Config, source: str = TEACHER_SOURCE) -> tuple[Store, Store
     return tokens, signals
 
 
+def open_committee(cfg: Config, sources: list[str]) -> tuple[Store, dict[str, Store]]:
+    """The token store and {source: signal store} of every committee member, each computed from those tokens."""
+    tokens = Store.open(cfg.tokens_dir)
+    expect = {"token_store": tokens.manifest.fingerprint(), "tokenizer": tokens.manifest.fingerprints["tokenizer"]}
+    stores = {}
+    for source in sources:
+        if not (cfg.signal_dir(source) / "manifest.json").exists():
+            raise KdcacheError(f"train.committee member {source!r} has no signal store at {cfg.signal_dir(source)}: "
+                               f"add it to precompute.members (or `kdcache precompute --source {source} --model SPEC`)")
+        stores[source] = Store.open(cfg.signal_dir(source), expect=expect)
+    return tokens, stores
+
+
 def check_student(student, signals: Store, student_spec: str) -> None:
     """The student's output layer must match the cached vocabulary, and a shipped tokenizer must match too."""
     vocab = signals.manifest.params["vocab_size"]
@@ -81,6 +98,14 @@ def student_hidden(student, input_ids: torch.Tensor, positions: torch.Tensor) ->
     return hidden.flatten(0, 1)[positions]                                  # (N, H)
 
 
+def student_logits(student, input_ids: torch.Tensor, positions: torch.Tensor, return_hidden: bool = False):
+    """All (N, V) logits where the loss is taken at once (benchmarks, small batches); with return_hidden:
+    (logits (N, V), last hidden states (N, H)). Training goes through student_hidden + output_head instead."""
+    hidden = student_hidden(student, input_ids, positions)                  # (N, H)
+    logits = student.get_output_embeddings()(hidden).float()                # (N, V)
+    return (logits, hidden) if return_hidden else logits
+
+
 def output_head(student, device: torch.device, precision: str = "fp32"):
     """The student's output layer as compute_objective's lm_head: hidden (n, H) -> float32 logits (n, V), under
     the run's autocast, so the (N, V) logits of a batch never exist at once."""
@@ -92,14 +117,19 @@ def output_head(student, device: torch.device, precision: str = "fp32"):
     return head
 
 
-def loss_inputs(batch: dict[str, torch.Tensor]):
-    """Positions t < T-1 predict token t+1: flattened row indices where the target token is a loss token."""
+def loss_inputs(batch: dict[str, torch.Tensor], sources: list[str] | None = None):
+    """Positions t < T-1 predict token t+1: flattened row indices where the target token is a loss token.
+    With `sources` (a committee batch) the target is the list of the members' targets, in that order."""
     input_ids = batch["input_ids"]                                          # (B, T)
     B, T = input_ids.shape
     target_mask = torch.zeros_like(batch["loss_mask"])
     target_mask[:, :-1] = batch["loss_mask"][:, 1:]                         # (B, T): position t predicts t+1
     positions = target_mask.flatten().nonzero().squeeze(1)                  # (N,)
     labels = torch.roll(input_ids, -1, dims=1).flatten()[positions]         # (N,)
+    if sources is not None:
+        return positions, labels, [sparse_target(*(batch[signal_key(f, s)] for f in
+                                                   ("sig_ids", "sig_logprobs", "sig_lognorm")))[positions]
+                                   for s in sources]
     target = sparse_target(batch["sig_ids"], batch["sig_logprobs"], batch["sig_lognorm"])[positions]
     return positions, labels, target
 
@@ -111,13 +141,18 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, student, optimizer, state: dict, keep: int) -> Path:
-    """model.safetensors + optimizer.pt (tensors only) + state.json, written aside and renamed into place."""
+def save_checkpoint(ckpt_dir: Path, step: int, student, optimizer, state: dict, keep: int,
+                    committee: "Committee | None" = None) -> Path:
+    """model.safetensors + optimizer.pt (tensors only) + state.json, written aside and renamed into place; a
+    learned committee module adds committee.safetensors + committee_optimizer.pt (it is not in the student)."""
     final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     save_model(student, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if committee is not None and committee.module is not None:
+        save_model(committee.module, str(tmp / "committee.safetensors"))
+        torch.save(committee.optimizer.state_dict(), tmp / "committee_optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -127,9 +162,12 @@ def save_checkpoint(ckpt_dir: Path, step: int, student, optimizer, state: dict, 
     return final
 
 
-def load_checkpoint(path: Path, student, optimizer) -> dict:
+def load_checkpoint(path: Path, student, optimizer, committee: "Committee | None" = None) -> dict:
     load_model(student, str(path / "model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if committee is not None and committee.module is not None:
+        load_model(committee.module, str(path / "committee.safetensors"))
+        committee.optimizer.load_state_dict(torch.load(path / "committee_optimizer.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
 
 
@@ -150,6 +188,38 @@ def _truncate_log(path: Path, step: int) -> None:
         path.write_text("".join(l + "\n" for l in lines))
 
 
+# ---- the committee -------------------------------------------------------------------------------------
+
+class Committee:
+    """The members a student learns from at once, how their per-position weights are made, and (learned) the
+    teacher-understanding module with its own optimiser."""
+
+    def __init__(self, tc: TrainConfig, hidden_size: int, vocab_size: int, device):
+        self.sources, self.kind, self.vocab_size = list(tc.committee), tc.committee_weights, vocab_size
+        self.fixed = list(tc.committee_fixed)
+        self.module = self.optimizer = None
+        if self.kind == "learned":
+            # its own generator: building the module leaves the student's random stream untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(tc.seed + 1)
+                self.module = TeacherUnderstanding(hidden_size, len(self.sources), tc.committee_dim).to(device)
+            self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=tc.committee_lr, weight_decay=0.0)
+
+    def weights(self, hidden: torch.Tensor, targets: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha (N, M) for the student's term, log alpha (N, M) — with the module's gradient when learned)."""
+        n, device = hidden.shape[0], hidden.device
+        if self.kind == "learned":
+            log_alpha = self.module(hidden)                                    # (N, M) hidden detached inside
+            return log_alpha.detach().exp(), log_alpha
+        if self.kind == "uniform":
+            alpha = committee_loss.uniform_weights(n, len(self.sources), device)
+        elif self.kind == "fixed":
+            alpha = committee_loss.fixed_weights(n, self.fixed, device)
+        else:
+            alpha = committee_loss.confidence_weights(targets, self.vocab_size).to(device)
+        return alpha, alpha.clamp(min=1e-30).log()
+
+
 # ---- the stage -----------------------------------------------------------------------------------------
 
 def run(cfg: Config, resume: bool = True) -> Path:
@@ -165,7 +235,12 @@ def run(cfg: Config, resume: bool = True) -> Path:
 
 def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: int, device, resume: bool) -> Path:
     torch.manual_seed(tc.seed)
-    tokens, signals = open_stores(cfg, tc.source)
+    if tc.committee:
+        tokens, member_stores = open_committee(cfg, tc.committee)
+        signals = member_stores[tc.committee[0]]
+    else:
+        tokens, signals = open_stores(cfg, tc.source)
+        member_stores = None
     # layerdrop/random students and the saved tokenizer come from the teacher, whichever source the signal is
     teacher_spec = cfg.precompute.teacher
     n_shards = len(tokens.manifest.splits().get("train", []))
@@ -174,7 +249,8 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
                            f"smaller prepare.shard_sequences or run fewer processes")
 
     student = build_student(tc.student, teacher_spec, seed=tc.seed)
-    check_student(student, signals, tc.student)
+    for store in (member_stores or {"": signals}).values():
+        check_student(student, store, tc.student)
     student.config.use_cache = False
     out_dir, ckpt_dir = cfg.student_dir, cfg.student_dir / "checkpoints"
     log_path = out_dir / "metrics.jsonl"
@@ -199,11 +275,18 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
                                   foreach=device.type == "cuda")
     lr_schedule = WarmupCosineLR(tc.lr, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     taid = taid_schedule(tc) if spec.name == "taid" else None
+    committee = None
+    if tc.committee:
+        if spec.name == "ce":
+            raise KdcacheError("invalid config: train.committee needs a distillation loss, not train.loss=ce")
+        if world > 1:
+            raise KdcacheError("train.committee under torchrun is not supported yet: train a committee in one process")
+        committee = Committee(tc, student.config.hidden_size, signals.manifest.params["vocab_size"], device)
 
     step, position = 0, 0
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, student, optimizer)
+        state = load_checkpoint(checkpoint, student, optimizer, committee)
         saved_world = state.get("world_size", 1)
         if saved_world != world:  # each rank's stream position belongs to that world size's shard split
             raise KdcacheError(f"checkpoint {checkpoint} was written by {saved_world} process(es) but this run has "
@@ -219,7 +302,7 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         if rank == 0:
             print(f"train: already at step {step} of {tc.max_steps}", flush=True)
     else:
-        dataset = CachedKDDataset(tokens, signals, "train", tc.batch_size, seed=tc.seed, start=position,
+        dataset = CachedKDDataset(tokens, member_stores or signals, "train", tc.batch_size, seed=tc.seed, start=position,
                                   rank=rank, world=world)
         stream = Prefetcher(dataset, device, depth=tc.prefetch)
         bar = tqdm(total=tc.max_steps, initial=step, desc=f"train ({spec.name})", unit="step", disable=rank != 0)
@@ -227,7 +310,7 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
             with open(log_path, "a") if rank == 0 else contextlib.nullcontext() as log:
                 while step < tc.max_steps:
                     step, position = _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
-                                                 step, log, bar)
+                                                 step, log, bar, committee=committee)
                     if step % tc.checkpoint_every == 0 or step == tc.max_steps:
                         positions = _gather_positions(position, world)
                         if rank == 0:
@@ -235,7 +318,8 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
                                      "world_size": world, "lr_schedule": lr_schedule.state_dict(),
                                      "taid": taid.state_dict() if taid is not None else None,
                                      "config": cfg.to_dict()}
-                            save_checkpoint(ckpt_dir, step, student, optimizer, state, tc.keep_checkpoints)
+                            save_checkpoint(ckpt_dir, step, student, optimizer, state, tc.keep_checkpoints,
+                                            committee)
         finally:
             stream.close()
             bar.close()
@@ -269,14 +353,14 @@ def _all_reduce_grads(student) -> None:
         grad.copy_(summed)
 
 
-def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid, step, log, bar):
+def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid, step, log, bar, committee=None):
     """One optimiser step over grad_accum micro-batches, normalised once by the step's (global) loss-token count.
     `log` is None on ranks other than 0."""
     start = time.perf_counter()
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     micro = [next(stream) for _ in range(tc.grad_accum)]
     position = micro[-1][0]
-    prepared = [loss_inputs(batch) for _, batch in micro]
+    prepared = [loss_inputs(batch, committee.sources if committee else None) for _, batch in micro]
     n_tokens = sum(int(p[0].numel()) for p in prepared)
     if distributed:
         n_tokens = int(all_reduce_sum(torch.tensor(n_tokens, dtype=torch.int64)))
@@ -287,10 +371,23 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
     head = output_head(student, device, tc.precision)
     totals: dict[str, torch.Tensor] = {}
     for (_, batch), (positions, labels, target) in zip(micro, prepared):
+        every = torch.ones_like(labels, dtype=torch.bool)
+        taid_t = taid.t if taid is not None else None
         with autocast(device, tc.precision):
             hidden = student_hidden(student, batch["input_ids"], positions)   # (N, H)
-        out = compute_objective(hidden, target, labels, torch.ones_like(labels, dtype=torch.bool), spec,
-                                taid_t=taid.t if taid is not None else None, lm_head=head)
+        if committee is None:
+            out = compute_objective(hidden, target, labels, every, spec, taid_t=taid_t, lm_head=head)
+        else:  # the committee path still builds the (N, V) logits of the micro-batch at once
+            logits = head(hidden)                                              # (N, V)
+            alpha, log_alpha = committee.weights(hidden, target)               # (N, M), (N, M)
+            out = committee_loss.committee_objective(logits, target, alpha, labels, every, spec, taid_t=taid_t)
+            nll = committee_loss.mixture_nll(log_alpha, committee_loss.label_logprobs(
+                target, labels, committee.vocab_size))                        # the weights' own objective
+            if committee.module is not None:
+                (nll / n_tokens).backward()
+            out["committee_nll_sum"] = nll.detach()
+            for m, source in enumerate(committee.sources):
+                out[f"alpha_{source}"] = alpha[:, m].sum()
         (out["loss_sum"] / n_tokens).backward()
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + v.detach().double().cpu()
@@ -302,6 +399,9 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), tc.clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if committee is not None and committee.module is not None:
+        committee.optimizer.step()
+        committee.optimizer.zero_grad(set_to_none=True)
     step += 1
     kd_per_token = totals.get("kd_sum", totals["loss_sum"]) / n_tokens
     record = {"step": step, "loss": totals["loss_sum"] / n_tokens, "lr": lr, "grad_norm": float(grad_norm),

@@ -21,7 +21,7 @@ from stages.losses.divergences import (DIVERGENCES, TAIL_MODES, ce, ce_rows, div
                                        srkl, tvd)
 from stages.losses.rlkd import rank_loss, rank_rows
 from stages.losses.taid import taid, taid_rows
-from stages.losses.targets import SparseTarget, Target, teacher_topk
+from stages.losses.targets import SparseTarget, Target, compute_dtype, teacher_topk
 
 RLKD_BASES = tuple(DIVERGENCES)                                   # rlkd+<base> for every KL-family divergence
 LOSS_NAMES: tuple[str, ...] = ("ce", *DIVERGENCES, "taid", "rlkd", *(f"rlkd+{b}" for b in RLKD_BASES))
@@ -75,6 +75,28 @@ class ObjectiveSpec:
 _LOSS, _KD, _CE, _RANK, _TOP1, _TOP5 = range(6)
 
 
+def kd_rows(student_logits: torch.Tensor, target: Target, spec: ObjectiveSpec, taid_t: float | None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distillation part of objective `spec` per position, and its rank part (zeros without RLKD).
+    student_logits (N, V), target SparseTarget (N, K) | teacher logits (N, V) -> (kd (N,), rank (N,)).
+    Not for spec.name == "ce". The committee loss calls it once per member."""
+    base = spec.base
+    if base is None:
+        base_part = torch.zeros(student_logits.shape[0], dtype=compute_dtype(student_logits),
+                                device=student_logits.device)                  # (N,)
+    elif base == "taid":
+        base_part = taid_rows(student_logits, target, taid_t, tail=spec.tail, temperature=spec.temperature)
+    else:
+        base_part = divergence_rows(base, student_logits, target, tail=spec.tail, temperature=spec.temperature,
+                                    jsd_beta=spec.jsd_beta, skew_alpha=spec.skew_alpha)  # (N,)
+    if not spec.uses_rank:
+        return base_part, torch.zeros_like(base_part)
+    rank_part, overlap = rank_rows(student_logits, target, spec.rlkd_k)        # (N,), (N,)
+    if spec.rlkd_dynamic:
+        base_part = overlap * base_part
+    return spec.rlkd_weight * rank_part + base_part, rank_part
+
+
 def _objective_sums(student_out: torch.Tensor, target: Target | None, labels: torch.Tensor, mask: torch.Tensor,
                     *, spec: ObjectiveSpec, taid_t: float | None, lm_head: Callable | None = None) -> torch.Tensor:
     """One chunk's [loss, kd, ce, rank, top1 agree, top5 order agree] sums (6,). student_out is the chunk's
@@ -97,22 +119,7 @@ def _objective_sums(student_out: torch.Tensor, target: Target | None, labels: to
     agree = agree.to(ce_part.dtype)
     if spec.name == "ce":
         return torch.cat([torch.stack([ce_part.sum(), zeros.sum(), ce_part.sum(), zeros.sum()]), agree])
-    base = spec.base
-    if base is None:
-        base_part = zeros
-    elif base == "taid":
-        base_part = taid_rows(student_logits, target, taid_t, tail=spec.tail, temperature=spec.temperature)
-    else:
-        base_part = divergence_rows(base, student_logits, target, tail=spec.tail, temperature=spec.temperature,
-                                    jsd_beta=spec.jsd_beta, skew_alpha=spec.skew_alpha)  # (n,)
-    rank_part = zeros
-    if spec.uses_rank:
-        rank_part, overlap = rank_rows(student_logits, target, spec.rlkd_k)    # (n,), (n,)
-        if spec.rlkd_dynamic:
-            base_part = overlap * base_part
-        kd_part = spec.rlkd_weight * rank_part + base_part
-    else:
-        kd_part = base_part
+    kd_part, rank_part = kd_rows(student_logits, target, spec, taid_t)         # (n,), (n,)
     loss = kd_part if spec.ce_weight == 0 else (1 - spec.ce_weight) * kd_part + spec.ce_weight * ce_part
     return torch.cat([torch.stack([loss.sum(), kd_part.sum(), ce_part.sum(), rank_part.sum()]), agree])
 
