@@ -81,7 +81,8 @@ def committee_objective(student_logits: torch.Tensor, targets: list[Target], wei
     out = {"loss_sum": sums[_LOSS], "n_tokens": mask.sum(), "kd_sum": parts[_KD], "ce_sum": parts[_CE]}
     if spec.uses_rank:
         out["rank_sum"] = parts[_RANK]
-    out["top1_agree"], out["top5_order_agree"] = agreement_counts(student_logits, targets[0], mask)
+    top1, top5 = agreement_counts(student_logits, targets[0], mask)
+    out["top1_agree"], out["top5_order_agree"] = top1.to(parts.dtype), top5.to(parts.dtype)  # as compute_objective
     return out
 
 
