@@ -29,13 +29,15 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.config import load_config
 from stages import precompute, prepare, train
 from stages.data import CachedKDDataset, Prefetcher
 from stages.losses import compute_objective
 from stages.models import build_student
-from storage import Store, open_store, read_shard
+from stages.schedules import WarmupCosineLR
+from storage import open_store, read_shard
 
 TEACHER = "default"
 STUDENT = "layerdrop:6"
@@ -153,9 +155,6 @@ def _student_and_optimizer(cfg, device):
 def _offline_step(student, optimizer, stream, spec, cfg, device) -> float:
     """The trainer's own step (train._train_step); its logged seconds."""
     log = io.StringIO()
-    from stages.schedules import WarmupCosineLR
-    from tqdm.auto import tqdm
-
     bar = tqdm(disable=True)
     train._train_step(student, optimizer, stream, spec, cfg.train, device, WarmupCosineLR(1e-5, 0, 1000),
                       None, 0, log, bar)

@@ -175,7 +175,8 @@ def dies_once_mid_task(token_dir, signal_dir, name, *args):
     return worker_precompute.precompute_shard(token_dir, signal_dir, name, *args)
 
 
-def test_worker_killed_mid_task_is_retried_and_the_store_ends_identical(tmp_path, tiny_teacher, monkeypatch):
+def test_worker_killed_mid_task_is_retried_and_the_store_ends_identical(tmp_path, tiny_teacher, monkeypatch,
+                                                                        capsys):
     sync = load_config(None, tiny_overrides(tmp_path / "sync", tiny_teacher))
     prepare.run(sync)
     precompute.run(sync)
@@ -186,6 +187,7 @@ def test_worker_killed_mid_task_is_retried_and_the_store_ends_identical(tmp_path
     assert VICTIM in [r.name for r in open_store(dist.tokens_dir).manifest.layout]
     monkeypatch.setattr(precompute, "precompute_shard", dies_once_mid_task)
     store = precompute.run(dist)
+    assert "precompute: LocalCluster with 2 worker(s) x 1 torch thread(s) (dashboard: " in capsys.readouterr().out
     died = dist.signals_dir.parent / f"died-{VICTIM}"
     assert died.exists() and int(died.read_text()) != os.getpid()  # a worker process died, not this one
     assert store.manifest.complete
