@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=None,
                         help="comma-separated slugs (ce,kl,taid,taid-linear,rlkd-kl): train and evaluate these "
                              "only, no summary (to split the work over processes; a full run then reuses them)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="train nothing: summarise the objectives whose results exist (the rest are listed "
+                             "as not run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     wall_start = time.perf_counter()
@@ -178,7 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
     objectives = [(label, changes) for label, changes in OBJECTIVES
                   if args.only is None or slug(label) in args.only.split(",")]
     configs = {label: objective_config(label, changes, args) for label, changes in objectives}
-    results = {label: train_and_evaluate(label, cfg, budget) for label, cfg in configs.items()}
+    if args.summary_only:
+        results = {label: json.loads((Path(cfg.run_dir) / "result.json").read_text())
+                   for label, cfg in configs.items() if (Path(cfg.run_dir) / "result.json").exists()}
+        results = {label: r for label, r in results.items() if r["budget"] == budget}
+        configs = {label: configs[label] for label in results}
+    else:
+        results = {label: train_and_evaluate(label, cfg, budget) for label, cfg in configs.items()}
     if args.only is not None:
         return results
 
@@ -208,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "budget": budget,
         "untrained": untrained["eval"],
         "objectives": results,
+        "not_run": [label for label, _ in OBJECTIVES if label not in results],
         "wall_seconds": time.perf_counter() - wall_start,
     }
     OUT.mkdir(parents=True, exist_ok=True)
@@ -243,6 +253,8 @@ def render_table(summary: dict) -> str:
                  else "–")
         rows.append(f"| {label} | {e['kl_teacher']:.4f} | {e['perplexity']:.2f} | {e['top1_agreement']:.2%} "
                     f"| {e['top5_order_agreement']:.2%} | {ratio} | {inter} |")
+    for label in summary["not_run"]:
+        rows.append(f"| {label} | not finished | | | | | |")
     for label, r in summary["objectives"].items():
         if "taid_t" in r:
             gap = max(a - l for a, l in zip(r["taid_t"], r["taid_t_linear"]))
