@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import TEACHER_SOURCE, Config, TrainConfig
 from pipeline.errors import KdcacheError
+from pipeline.freshness import stage_inputs
 from stages.committee import TeacherUnderstanding
 from stages.data import CachedKDDataset, Prefetcher, signal_key
 from stages.losses import ObjectiveSpec, compute_objective
@@ -139,6 +140,25 @@ def loss_inputs(batch: dict[str, torch.Tensor], sources: list[str] | None = None
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     done = sorted(p for p in ckpt_dir.glob(CHECKPOINT_PREFIX + "*") if (p / "state.json").exists())
     return done[-1] if done else None
+
+
+def training_inputs(cfg: Config, stores: list[Store]) -> dict:
+    """What a checkpoint's trajectory depends on: the train settings that shape the run (not how it is logged or
+    checkpointed) and the content of the stores it streams. A checkpoint made from other inputs cannot be resumed."""
+    shaping = {k: v for k, v in stage_inputs(cfg)["train"].items() if k != "device"}  # a run may move to a GPU
+    return {"train": shaping, "stores": sorted(s.manifest.fingerprint() for s in stores)}
+
+
+def _stale_checkpoint(checkpoint: Path, inputs: dict) -> str | None:
+    """Why `checkpoint` was made from other inputs than `inputs` (None if it matches, or predates the record)."""
+    saved = json.loads((checkpoint / "state.json").read_text()).get("inputs")
+    if saved is None or saved == inputs:
+        return None
+    if saved["stores"] != inputs["stores"]:
+        return "the cached stores changed"
+    changed = sorted(k for k in set(saved["train"]) | set(inputs["train"])
+                     if saved["train"].get(k) != inputs["train"].get(k))
+    return ", ".join(f"train.{k}: {saved['train'].get(k)!r} -> {inputs['train'].get(k)!r}" for k in changed[:3])
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, student, optimizer, state: dict, keep: int,
@@ -284,7 +304,18 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         committee = Committee(tc, student.config.hidden_size, signals.manifest.params["vocab_size"], device)
 
     step, position = 0, 0
+    inputs = training_inputs(cfg, [tokens, *(member_stores or {"": signals}).values()])
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
+    stale = _stale_checkpoint(checkpoint, inputs) if checkpoint is not None else None
+    if stale is not None:  # e.g. `make train` after a config change: the old trajectory is not this run's
+        if world > 1:
+            dist.barrier()  # every rank has read the checkpoint list before rank 0 clears it
+        if rank == 0:
+            print(f"train: the checkpoints in {ckpt_dir} were made from other inputs ({stale}): starting over",
+                  flush=True)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            log_path.unlink(missing_ok=True)
+        checkpoint = None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer, committee)
         saved_world = state.get("world_size", 1)
@@ -317,7 +348,7 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
                             state = {"step": step, "position": positions[0], "positions": positions,
                                      "world_size": world, "lr_schedule": lr_schedule.state_dict(),
                                      "taid": taid.state_dict() if taid is not None else None,
-                                     "config": cfg.to_dict()}
+                                     "config": cfg.to_dict(), "inputs": inputs}
                             save_checkpoint(ckpt_dir, step, student, optimizer, state, tc.keep_checkpoints,
                                             committee)
         finally:

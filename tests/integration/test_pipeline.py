@@ -223,3 +223,20 @@ def test_source_with_another_tokenizer_is_refused(tmp_path, cached_run, tiny_tea
     cfg = _cfg(tmp_path, cached_run, tiny_teacher)
     with pytest.raises(Exception, match="every source must share the tokenizer"):
         precompute.run(cfg, source="member", model=str(other))
+
+
+def test_checkpoints_from_other_settings_are_not_resumed(tmp_path, cached_run, tiny_teacher, capsys):
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.max_steps": 4})
+    train.run(cfg)
+    assert train.latest_checkpoint(cfg.student_dir / "checkpoints").name == "step-00000004"
+    # what `make train` does after train.lr changed: the same command, other settings
+    changed = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.max_steps": 4, "train.lr": 1e-3})
+    capsys.readouterr()
+    train.run(changed)
+    out = capsys.readouterr().out
+    assert "made from other inputs (train.lr: 0.003 -> 0.001): starting over" in out
+    log = _log(changed)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[-1]["lr"] < 1e-3 + 1e-12
+    capsys.readouterr()
+    train.run(changed)  # same settings again: nothing to redo
+    assert "already at step 4 of 4" in capsys.readouterr().out
