@@ -202,7 +202,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny slice, 2 steps, 3 kinds")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--students", help="comma-separated kind labels: train only these students, from the stores a "
+                    "full run left in OUT/cache-work (no dense reference), into OUT/cache-students.json")
+    ap.add_argument("--merge", action="store_true", help="add the students of OUT/cache-students.json to "
+                    "OUT/cache.json (those it lacks) and rewrite cache.md")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_students(Path(args.out))
     kinds = KINDS
     if args.quick:
         args.train_sequences, args.val_sequences, args.steps = 16, 4, 2
@@ -223,6 +229,24 @@ def main(argv=None):
     teacher = load_teacher(TEACHER)
     vocab = teacher.config.vocab_size
     t0 = time.perf_counter()
+    if args.students:  # a second process for some students: the stores exist, the dense reference is not needed
+        val_logits = teacher_logits(teacher, arrays["validation"]["input_ids"])  # (m, T, V)
+        del teacher
+        labels = [label.strip() for label in args.students.split(",")]
+        decoded = {label: read_decoded(Store.open(work / "signals" / label.replace(" ", "_"))) for label in labels}
+        train_ids = torch.from_numpy(arrays["train"]["input_ids"].astype(np.int64))
+        train_mask = torch.from_numpy(arrays["train"]["loss_mask"].astype(bool))
+        val_ids = torch.from_numpy(arrays["validation"]["input_ids"].astype(np.int64))
+        val_mask = torch.from_numpy(arrays["validation"]["loss_mask"].astype(bool))
+        students = {}
+        for label in labels:
+            model, step_s = train_student(_batches(label, decoded, None, train_ids, train_mask, args), args.steps,
+                                          TrainConfig(), ObjectiveSpec(name="kl", tail="bucket"))
+            students[label] = {**evaluate(model, val_ids, val_mask, val_logits), "seconds_per_step": step_s}
+            print(f"bench-cache: student {label}: KL {students[label]['kl_teacher']:.4f}", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "cache-students.json").write_text(json.dumps({"students": students, "steps": args.steps}, indent=1))
+        return None
     train_logits = teacher_logits(teacher, arrays["train"]["input_ids"])     # (n, T, V)
     val_logits = teacher_logits(teacher, arrays["validation"]["input_ids"])  # (m, T, V)
     teacher_tok_s = (train_logits.shape[0] + val_logits.shape[0]) * args.seq_len / (time.perf_counter() - t0)
@@ -278,21 +302,9 @@ def main(argv=None):
     tc = TrainConfig()
     spec = ObjectiveSpec(name="kl", tail="bucket", chunk_size=tc.chunk_size)
     n_train = len(train_ids)
-    rng = np.random.default_rng(SEED)
-    order = np.concatenate([rng.permutation(n_train) for _ in range(args.steps * args.batch_size // n_train + 1)])
 
     def batches_for(label: str | None):
-        def batch(step):
-            idx = torch.from_numpy(order[step * args.batch_size:(step + 1) * args.batch_size])
-            ids = train_ids[idx]
-            positions, labels = _positions(ids, train_mask[idx])
-            if label is None:  # dense: the full teacher logits of these rows
-                return ids, positions, labels, train_logits[idx].flatten(0, 1)[positions]
-            sig = decoded[label]
-            target = sparse_target(*(torch.from_numpy(sig[k][idx.numpy()])
-                                     for k in ("sig_ids", "sig_logprobs", "sig_lognorm")))[positions]
-            return ids, positions, labels, target
-        return batch
+        return _batches(label, decoded, train_logits, train_ids, train_mask, args)
 
     untrained = evaluate(build_student(STUDENT, TEACHER, seed=0), val_ids, val_mask, val_logits)
     report = {"machine": {"cpu_threads": args.threads, "cores": "2 CPU cores, shared with other jobs, no GPU",
@@ -312,6 +324,38 @@ def main(argv=None):
         del model
         report["seconds"] = time.perf_counter() - t_start
         write_report(report, out)  # after every student: a late kill keeps what was measured
+    print(markdown(report))
+
+
+def _batches(label: str | None, decoded: dict, train_logits: torch.Tensor | None, train_ids: torch.Tensor,
+             train_mask: torch.Tensor, args):
+    """step -> (input_ids, positions, labels, target) in one seeded order shared by every student; label None =
+    the dense teacher logits."""
+    n_train = len(train_ids)
+    rng = np.random.default_rng(SEED)
+    order = np.concatenate([rng.permutation(n_train) for _ in range(args.steps * args.batch_size // n_train + 1)])
+
+    def batch(step):
+        idx = torch.from_numpy(order[step * args.batch_size:(step + 1) * args.batch_size])
+        ids = train_ids[idx]
+        positions, labels = _positions(ids, train_mask[idx])
+        if label is None:  # dense: the full teacher logits of these rows
+            return ids, positions, labels, train_logits[idx].flatten(0, 1)[positions]
+        sig = decoded[label]
+        target = sparse_target(*(torch.from_numpy(sig[k][idx.numpy()])
+                                 for k in ("sig_ids", "sig_logprobs", "sig_lognorm")))[positions]
+        return ids, positions, labels, target
+    return batch
+
+
+def merge_students(out: Path) -> None:
+    report = json.loads((out / "cache.json").read_text())
+    extra = json.loads((out / "cache-students.json").read_text())
+    if extra["steps"] != report["setup"]["steps"]:
+        raise SystemExit(f"cache-students.json trained {extra['steps']} steps, cache.json {report['setup']['steps']}")
+    for label, student in extra["students"].items():
+        report["students"].setdefault(label, {**student, "separate_process": True})
+    write_report(report, out)
     print(markdown(report))
 
 
