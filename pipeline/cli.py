@@ -61,7 +61,8 @@ def prepare(cfg: Config, overwrite: bool):
 @click.option("--model", default=None, metavar="PATH",
               help="Model to cache (default: precompute.teacher; RUN/assistants/chosen for the assistants' source).")
 def precompute(cfg: Config, scheduler: str | None, overwrite: bool, source: str, model: str | None):
-    """Run the teacher (or another model) once and cache its top-k signal (RUN/signals/teacher)."""
+    """Run the teacher (or another model) once and cache its top-k signal (RUN/signals/teacher, or
+    RUN/signals/SOURCE)."""
     from stages import precompute as stage
 
     check_source_name(source, "--source")

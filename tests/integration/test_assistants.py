@@ -38,27 +38,41 @@ def _cfg(tmp_path, cached_run, teacher, **extra):
     return load_config(None, tiny_overrides(run_dir, teacher, **{**TINY_TA, **extra}))
 
 
-def test_one_trial_chooses_by_the_tradeoff_and_exports(tmp_path, cached_run, tiny_teacher):
+def test_run_with_assistant_chooses_by_the_tradeoff_and_trains_the_student_from_it(tmp_path, cached_run,
+                                                                                   tiny_teacher):
     from transformers import AutoModelForCausalLM
 
-    cfg = _cfg(tmp_path, cached_run, tiny_teacher)
-    plan = assistants.run(cfg)
-    saved = json.loads((cfg.assistants_dir / "ta_plan.json").read_text())
-    table = saved["table"]
-    assert [r["target_sparsity"] for r in table] == [0.2, 0.4, 0.6] and saved["chosen"] == plan["chosen"]
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher)     # tokens and teacher signals done: run skips them
+    args = ["run", "--assistant"]
+    for o in tiny_overrides(cfg.run_dir, tiny_teacher, **TINY_TA):
+        args += ["-s", o]
+    assert main(args) == 0
+    run_dir = Path(cfg.run_dir)
+    plan = json.loads((cfg.assistants_dir / "ta_plan.json").read_text())
+    table = plan["table"]
+    assert [r["target_sparsity"] for r in table] == [0.2, 0.4, 0.6]
     assert all(r["sparsity"] >= r["target_sparsity"] and 0.0 <= r["P"] <= 1.0 for r in table)
     # the student (layerdrop:2 of 4 layers) has half the teacher's non-embedding parameters: the floor
-    half = saved["size_floor"]["student_non_embedding_params"]
+    half = plan["size_floor"]["student_non_embedding_params"]
     assert [r["eligible"] for r in table] == [r["non_embedding_params"] >= half for r in table]
-    eligible = [r for r in table if r["eligible"]]
-    best = max(eligible, key=lambda r: r["P"] + 0.2 * r["sparsity"])
+    best = max((r for r in table if r["eligible"]), key=lambda r: r["P"] + 0.2 * r["sparsity"])
     assert plan["chosen"]["target_sparsity"] == best["target_sparsity"] and sum(r["chosen"] for r in table) == 1
     assert (cfg.assistants_dir / "ta_tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     chosen = AutoModelForCausalLM.from_pretrained(cfg.assistants_dir / "chosen")
-    assert chosen.config.intermediate_size == plan["chosen"]["neurons"]
-    assert chosen.config.num_key_value_heads == plan["chosen"]["kv_groups"]
+    assert (chosen.config.intermediate_size, chosen.config.num_key_value_heads) == (plan["chosen"]["neurons"],
+                                                                                    plan["chosen"]["kv_groups"])
+    # the chain: the chosen assistant's cache, a student trained from it, judged against the teacher's cache
+    store = json.loads((run_dir / "signals" / "assistant" / "manifest.json").read_text())
+    assert store["params"]["teacher"] == str(cfg.assistants_dir / "chosen")
+    assert load_config(run_dir / "config.yaml").train.source == "assistant"
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["cache"]["path"] == str(run_dir / "signals" / "teacher")
+    assert metrics["students"]["trained"]["kl_teacher"] < metrics["students"]["untrained"]["kl_teacher"]
+    for stage in ("prepare", "precompute", "assistants", "precompute-assistant", "train", "evaluate"):
+        assert (run_dir / ".stages" / f"{stage}.done").exists()
+    assert main(["precompute", "--source", "other", "--run-dir", str(run_dir)]) == 2   # no --model: one-line error
 
-    # a new λ reuses the trained slimmable assistant (no teacher load), other trial inputs need --overwrite
+    # a new λ reuses the trained slimmable assistant (no teacher load); other trial inputs need --overwrite
     def no_teacher(*a, **k):
         raise AssertionError("a rerun with the same trial inputs must not prune again")
 
@@ -113,24 +127,6 @@ def test_slimmable_training_never_constructs_the_teacher(tmp_path, cached_run, t
     assert len(log) == 4 and all(len(r["kl"]) == 3 for r in log)  # largest, smallest, one middle width per step
 
 
-def test_run_with_assistant_trains_the_student_from_the_assistant(tmp_path, tiny_teacher):
-    run_dir = tmp_path / "run"
-    args = ["run", "--assistant"]
-    for o in tiny_overrides(run_dir, tiny_teacher, **TINY_TA):
-        args += ["-s", o]
-    assert main(args) == 0
-    store = json.loads((run_dir / "signals" / "assistant" / "manifest.json").read_text())
-    assert store["params"]["teacher"] == str(run_dir / "assistants" / "chosen")
-    log = (run_dir / "student" / "checkpoints").exists() and (run_dir / "student" / "final" / "config.json").exists()
-    assert log
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert metrics["cache"]["path"] == str(run_dir / "signals" / "teacher")   # judged against the teacher
-    assert metrics["students"]["trained"]["kl_teacher"] < metrics["students"]["untrained"]["kl_teacher"]
-    for stage in ("prepare", "precompute", "assistants", "precompute-assistant", "train", "evaluate"):
-        assert (run_dir / ".stages" / f"{stage}.done").exists()
-    assert main(["precompute", "--source", "other", "--run-dir", str(run_dir)]) == 2   # no --model: one-line error
-
-
 @pytest.mark.skipif(shutil.which("make") is None, reason="GNU make not installed")
 def test_make_runs_the_assistant_chain_and_reruns_only_what_changed(tmp_path):
     from pipeline.freshness import mark_done, write_stamps
@@ -165,5 +161,3 @@ def test_make_runs_the_assistant_chain_and_reruns_only_what_changed(tmp_path):
     assert plan() == []
     assert plan("assistants.tradeoff_lambda=0.5") == ["assistants", "precompute --source assistant", "train",
                                                       "evaluate"]
-    finish_all("assistants.tradeoff_lambda=0.5")
-    assert plan("assistants.tradeoff_lambda=0.5", "train.lr=1e-4") == ["train", "evaluate"]
