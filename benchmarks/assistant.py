@@ -28,13 +28,13 @@ BASE = {
     "prepare.seq_len": 128, "prepare.max_train_sequences": 48, "prepare.max_validation_sequences": 16,
     "prepare.shard_sequences": 16,
     "precompute.k": 16, "precompute.scheduler": "sync", "precompute.batch_size": 8,
-    "train.student": "layerdrop:3", "train.max_steps": 30, "train.batch_size": 2, "train.lr": 1e-3,
-    "train.warmup_steps": 3, "train.checkpoint_every": 30, "train.log_every": 10,
+    "train.student": "layerdrop:3", "train.max_steps": 20, "train.batch_size": 2, "train.lr": 1e-3,
+    "train.warmup_steps": 2, "train.checkpoint_every": 20, "train.log_every": 10,
     "evaluate.batch_size": 8,
     # a coarser grid than the default 0.1..0.9 (scoring cost), 0.85 instead of 0.9: the 90% slice would be just
     # below the student's own size (the floor min_size_over_student=1 excludes it)
-    "assistants.grid": "0.1,0.3,0.5,0.7,0.85", "assistants.steps": 8, "assistants.calibration_sequences": 8,
-    "assistants.batch_size": 4, "assistants.lr": 2e-4, "assistants.warmup_steps": 1,
+    "assistants.grid": "0.1,0.3,0.5,0.7,0.85", "assistants.steps": 4, "assistants.calibration_sequences": 4,
+    "assistants.batch_size": 2, "assistants.lr": 2e-4, "assistants.warmup_steps": 1,
     "assistants.eval_sequences": 8,
 }
 OTHER_PREFERENCE = (0.1, 0.5, 0.85, 0.3, 0.7)  # the two comparison assistants: the first two of these not chosen
@@ -93,6 +93,7 @@ def main(argv=None):
     grid = [r["target_sparsity"] for r in table]
     others = [s for s in OTHER_PREFERENCE if s in grid and s != chosen][:2]
 
+    (out / "partial.json").write_text(json.dumps({"wall": wall, "plan": plan}, indent=1))
     results = {"direct": _student(base, out, "direct", "teacher")}
     for target in [chosen, *others]:
         name = f"ta-{round(100 * target)}"
@@ -107,6 +108,7 @@ def main(argv=None):
                       assistant_tradeoff=row["tradeoff"], chosen=target == chosen)
         results[name] = result
         print(json.dumps({name: result}), flush=True)
+        (out / "partial.json").write_text(json.dumps({"wall": wall, "plan": plan, "students": results}, indent=1))
 
     per_assistant = [r["cache_seconds"] + r["train_seconds"] + r["evaluate_seconds"]
                      for r in results.values() if "cache_seconds" in r]

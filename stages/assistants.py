@@ -213,8 +213,7 @@ def student_non_embedding_params(cfg: Config) -> int:
     return pruning.non_embedding_params(config)
 
 
-def plot_tradeoff(table: list[dict], chosen: int, tradeoff_lambda: float, min_params: int, max_sparsity: float,
-                  path: Path) -> None:
+def plot_tradeoff(table: list[dict], chosen: int, tradeoff_lambda: float, path: Path) -> None:
     """P and P + λ·sparsity against sparsity; the chosen assistant and the size floor marked."""
     import matplotlib
 
@@ -261,6 +260,8 @@ def trial_inputs(cfg: Config, signals) -> dict:
 
 
 def run(cfg: Config, overwrite: bool = False) -> dict:
+    from transformers import AutoModelForCausalLM
+
     ac = cfg.assistants
     out_dir = cfg.assistants_dir
     tokens, signals = open_stores(cfg)                                  # the teacher's cache
@@ -289,8 +290,6 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     if not (out_dir / TRAINED / "config.json").exists():
         train_slimmable(cfg, tokens, signals, out_dir, widths)
     seconds["train"] = time.perf_counter() - start
-
-    from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
     device = pick_device(cfg.train.device)
@@ -323,7 +322,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
             "uniform_widths": "each width is the same in every layer (exportable as a standard HF config)",
             "table": table, "seconds": seconds}
     _write_json(out_dir / PLAN, plan)
-    plot_tradeoff(table, chosen, ac.tradeoff_lambda, min_params, ac.max_sparsity, out_dir / PLOT)
+    plot_tradeoff(table, chosen, ac.tradeoff_lambda, out_dir / PLOT)
     print(render_table(table), flush=True)
     print(f"assistants: chose {table[chosen]['sparsity']:.0%} sparsity (P {table[chosen]['P']:.3f}) -> "
           f"{out_dir / CHOSEN}; plan {out_dir / PLAN}, plot {out_dir / PLOT}", flush=True)
