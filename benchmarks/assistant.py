@@ -72,9 +72,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/experiments/assistant")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--from-partial", action="store_true",
+                        help="write results.json/.md from the students an interrupted run finished (partial.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.from_partial:
+        partial = json.loads((out / "partial.json").read_text())
+        students = partial.get("students", {})
+        finish(out, partial["plan"], partial["wall"], students, args.threads, complete=len(students) == 4)
+        return
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base"
     cfg = _config(base)
@@ -95,6 +102,7 @@ def main(argv=None):
 
     (out / "partial.json").write_text(json.dumps({"wall": wall, "plan": plan}, indent=1))
     results = {"direct": _student(base, out, "direct", "teacher")}
+    (out / "partial.json").write_text(json.dumps({"wall": wall, "plan": plan, "students": results}, indent=1))
     for target in [chosen, *others]:
         name = f"ta-{round(100 * target)}"
         row = next(r for r in table if r["target_sparsity"] == target)
@@ -110,29 +118,36 @@ def main(argv=None):
         print(json.dumps({name: result}), flush=True)
         (out / "partial.json").write_text(json.dumps({"wall": wall, "plan": plan, "students": results}, indent=1))
 
-    per_assistant = [r["cache_seconds"] + r["train_seconds"] + r["evaluate_seconds"]
-                     for r in results.values() if "cache_seconds" in r]
-    assistants_ran = [r for r in results.values() if "cache_seconds" in r]
-    best = min(assistants_ran, key=lambda r: r["kl_teacher"])
+    finish(out, plan, wall, results, args.threads)
+
+
+def finish(out: Path, plan: dict, wall: dict, results: dict, threads: int, complete: bool = True) -> dict:
+    """results.json + results.md from whatever students finished."""
+    table = plan["table"]
+    tried = [r for r in results.values() if "cache_seconds" in r]
+    per_assistant = [r["cache_seconds"] + r["train_seconds"] + r["evaluate_seconds"] for r in tried]
     summary = {
         "command": "make experiment-assistant  (python -m benchmarks.assistant)",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch "
-                   f"{torch.__version__}, {args.threads} threads",
-        "budget": {k: v for k, v in BASE.items()},
+        "complete": complete,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (load average "
+                   f"{os.getloadavg()[0]:.0f} at the end), torch {torch.__version__}, {threads} threads",
+        "budget": dict(BASE),
         "teacher_non_embedding_params": plan["teacher_non_embedding_params"],
         "student_non_embedding_params": plan["size_floor"]["student_non_embedding_params"],
         "student_fraction_of_teacher": plan["size_floor"]["student_non_embedding_params"]
                                        / plan["teacher_non_embedding_params"],
-        "ta_table": table, "chosen_target_sparsity": chosen, "students": results,
-        "chosen_is_best_of_tried": best.get("chosen", False),
-        "wall_seconds": {**wall, "one_trial_breakdown": plan["seconds"],
-                         "per_assistant_downstream_median": statistics.median(per_assistant),
-                         "try_every_assistant_estimate": len(grid) * statistics.median(per_assistant),
-                         "grid_size": len(grid)},
+        "ta_table": table, "chosen_target_sparsity": plan["chosen"]["target_sparsity"], "students": results,
+        "chosen_is_best_of_tried": (min(tried, key=lambda r: r["kl_teacher"]).get("chosen", False)
+                                    if len(tried) > 1 else None),
+        "wall_seconds": {**wall, "one_trial_breakdown": plan["seconds"], "grid_size": len(table),
+                         "per_assistant_downstream_median": statistics.median(per_assistant) if per_assistant else None,
+                         "try_every_assistant_estimate": (len(table) * statistics.median(per_assistant)
+                                                          if per_assistant else None)},
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(render(summary))
     print(render(summary))
+    return summary
 
 
 def render(s: dict) -> str:
@@ -145,9 +160,17 @@ def render(s: dict) -> str:
                                                        f"{r['assistant_tradeoff']:.3f}")
         rows.append(f"| {label} | {ta[0]} | {ta[1]} | {ta[2]} | {r['kl_teacher']:.4f} | {r['perplexity']:.1f} | "
                     f"{r['top1_agreement']:.1%} |")
-    untrained = next(iter(s["students"].values()))["untrained"]
-    rows.append(f"| (untrained student) | | | | {untrained['kl_teacher']:.4f} | {untrained['perplexity']:.1f} | |")
+    if s["students"]:
+        untrained = next(iter(s["students"].values()))["untrained"]
+        rows.append(f"| (untrained student) | | | | {untrained['kl_teacher']:.4f} | {untrained['perplexity']:.1f} | |")
+    rows = ["The one trial (slimmable assistant, every width scored on held-out data):", "",
+            assistants.render_table(s["ta_table"]), "", "Students at "
+            f"{s['student_fraction_of_teacher']:.0%} of the teacher's non-embedding parameters, same budget:", "",
+            *rows]
     w = s["wall_seconds"]
+    if w["per_assistant_downstream_median"] is None:
+        return "\n".join(rows + ["", f"One-trial selection: {w['one_trial_selection']:.0f} s; no assistant "
+                                      "student finished, so no per-assistant cost was measured."])
     return "\n".join(rows + [
         "", f"One-trial selection: {w['one_trial_selection']:.0f} s (prune {w['one_trial_breakdown']['prune']:.0f}, "
             f"slimmable training {w['one_trial_breakdown']['train']:.0f}, scoring "
