@@ -3,17 +3,20 @@
 # rewrites only when the config fields that stage depends on change. So `make` reruns exactly the stale stages
 # (change train.lr -> train and evaluate; change precompute.k -> precompute onward), a killed stage is rerun
 # (and resumes), and `make -n` shows the plan.
-# Variables: PYTHON, CONFIG (YAML file), RUN (run folder), ARGS (extra `-s section.field=value` overrides).
+# Variables: PYTHON, CONFIG (YAML file), RUN (run folder), ARGS (extra `-s section.field=value` overrides),
+# ASSISTANT=1 (the student learns through the MiniDisc teacher assistant: train depends on the assistant's cache).
 PYTHON ?= python3
 RUN ?= runs/default
 CONFIG ?=
 ARGS ?=
+ASSISTANT ?=
 KD = $(PYTHON) -m pipeline.cli
-OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS)
+OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS) $(if $(ASSISTANT),-s train.source=assistant)
 STAMP = .install.stamp
 S = $(RUN)/.stages
+TRAIN_SIGNAL = $(if $(ASSISTANT),$(S)/precompute-assistant.done,$(S)/precompute.done)
 
-.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache bench-store experiment-objectives bench experiment-committee
+.PHONY: help install test test-fast demo prepare precompute train evaluate report docs clean bench-cache bench-store experiment-objectives bench experiment-committee demo-assistant assistants precompute-assistant experiment-assistant
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 22
@@ -41,6 +44,13 @@ demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train ->
 	$(MAKE) report RUN=$(RUN) CONFIG=$(CONFIG) ARGS='$(ARGS)'
 	@cat $(RUN)/eval/report.md
 
+demo-assistant: $(STAMP)  ## the chain through a MiniDisc teacher assistant, evaluated against the teacher
+	$(MAKE) evaluate ASSISTANT=1 RUN=$(RUN) CONFIG=$(CONFIG) ARGS='$(ARGS)'
+	@cat $(RUN)/eval/report.md
+
+experiment-assistant: $(STAMP)  ## student at ~10% of the teacher: direct vs through assistants (runs/experiments/assistant)
+	$(PYTHON) -m benchmarks.assistant
+
 # Refresh the config stamps while the Makefile is read, so even `make -n` sees what changed. Before the install
 # this cannot run; the pattern rule below then writes the stamps once kdcache is installed.
 ifeq ($(filter help install clean docs test test-fast bench bench-% experiment-%,$(MAKECMDGOALS)),)
@@ -51,7 +61,9 @@ $(S)/%.config: | $(STAMP)
 
 prepare: $(S)/prepare.done  ## tokenise the dataset (RUN/tokens)
 precompute: $(S)/precompute.done  ## run the teacher once, cache its signal (RUN/signals/teacher)
-train: $(S)/train.done  ## train the student from the cache (RUN/student)
+assistants: $(S)/assistants.done  ## MiniDisc: prune, one slimmable trial, choose by P + λ·sparsity (RUN/assistants)
+precompute-assistant: $(S)/precompute-assistant.done  ## cache the chosen assistant's signal (RUN/signals/assistant)
+train: $(S)/train.done  ## train the student from the cache (RUN/student; ASSISTANT=1: from the assistant's)
 evaluate: $(S)/evaluate.done  ## held-out metrics (RUN/eval)
 report: $(S)/evaluate.done  ## Markdown + HTML report with plots (RUN/report)
 	$(KD) report $(RUN)
@@ -64,7 +76,13 @@ $(S)/prepare.done: $(S)/prepare.config | $(STAMP)
 $(S)/precompute.done: $(S)/prepare.done $(S)/precompute.config
 	$(KD) precompute --overwrite $(OPTS)
 
-$(S)/train.done: $(S)/precompute.done $(S)/train.config
+$(S)/assistants.done: $(S)/precompute.done $(S)/assistants.config
+	$(KD) assistants --overwrite $(OPTS)
+
+$(S)/precompute-assistant.done: $(S)/assistants.done $(S)/precompute.config
+	$(KD) precompute --source assistant --overwrite $(OPTS)
+
+$(S)/train.done: $(TRAIN_SIGNAL) $(S)/train.config
 	$(KD) train $(OPTS)
 
 $(S)/evaluate.done: $(S)/train.done $(S)/evaluate.config

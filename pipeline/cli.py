@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import Config, load_config, save_config
+from pipeline.config import TEACHER_SOURCE, Config, check_source_name, load_config, save_config
 from pipeline.errors import KdcacheError
-from pipeline.freshness import mark_done, write_stamps
+from pipeline.freshness import mark_done, precompute_stage, write_stamps
 
 DEBUG = {"on": False}
 
@@ -61,14 +61,43 @@ def prepare(cfg: Config, overwrite: bool):
 @click.option("--model", default=None, metavar="SPEC",
               help="The model of --source: a local dir, .gguf file or hub id (default precompute.teacher).")
 def precompute(cfg: Config, scheduler: str | None, overwrite: bool, source: str | None, model: str | None):
-    """Run the teacher and every precompute.members entry once; cache each one's top-k signal (RUN/signals/<source>)."""
+    """Run the teacher and every precompute.members entry once; cache each one's signal (RUN/signals/<source>)."""
     from stages import precompute as stage
 
     if model is not None and source is None:
         raise KdcacheError("--model needs --source NAME: the signal store the model's signal is cached in")
+    if source is not None:
+        check_source_name(source, "--source")
+        model = model or _source_model(cfg, source)
     stage.run(cfg, scheduler=scheduler, overwrite=overwrite, source=source, model=model)
     if source is None:  # precompute.done means: the teacher and all members are cached
         mark_done(cfg, "precompute")
+    elif source == cfg.assistants.source:
+        mark_done(cfg, precompute_stage(source))
+
+
+def _source_model(cfg: Config, source: str) -> str | None:
+    """The model behind a named source when none is given: the chosen assistant for the assistants' source."""
+    if source == cfg.assistants.source:
+        chosen = cfg.assistants_dir / "chosen"
+        if not (chosen / "config.json").exists():
+            raise KdcacheError(f"no chosen assistant at {chosen}: run `kdcache assistants` first (or pass --model)")
+        return str(chosen)
+    if source != TEACHER_SOURCE:
+        raise KdcacheError(f"--source {source} needs --model PATH (the model whose signal to cache)")
+    return None
+
+
+@cli.command()
+@config_options
+@click.option("--overwrite", is_flag=True, help="Replace RUN/assistants built from other inputs.")
+def assistants(cfg: Config, overwrite: bool):
+    """MiniDisc: prune the teacher, train one slimmable assistant from the cache, choose by P + λ·sparsity
+    (RUN/assistants: ta_plan.json, ta_tradeoff.png, chosen/)."""
+    from stages import assistants as stage
+
+    plan = stage.run(cfg, overwrite=overwrite)
+    mark_done(cfg, "assistants", {"chosen_sparsity": plan["chosen"]["sparsity"]})
 
 
 @cli.command()
@@ -106,7 +135,10 @@ def evaluate(cfg: Config):
 @cli.command()
 @config_options
 @click.option("--scheduler", default=None, metavar="ADDRESS", help="dask scheduler for precompute.")
-def run(cfg: Config, scheduler: str | None):
+@click.option("--assistant", is_flag=True,
+              help="Through a MiniDisc teacher assistant: ... -> precompute -> assistants -> precompute the "
+                   "assistant -> train from the assistant's cache -> evaluate against the teacher.")
+def run(cfg: Config, scheduler: str | None, assistant: bool):
     """The whole chain: prepare -> precompute -> train -> evaluate (each resumes or skips finished work)."""
     from stages import evaluate, precompute, prepare, train
 
@@ -114,6 +146,16 @@ def run(cfg: Config, scheduler: str | None):
     mark_done(cfg, "prepare")
     precompute.run(cfg, scheduler=scheduler)
     mark_done(cfg, "precompute")
+    if assistant:
+        from stages import assistants
+
+        assistants.run(cfg)
+        mark_done(cfg, "assistants")
+        source = cfg.assistants.source
+        precompute.run(cfg, scheduler=scheduler, source=source, model=_source_model(cfg, source))
+        mark_done(cfg, precompute_stage(source))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, source=source))
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     train.run(cfg)
     mark_done(cfg, "train")
     evaluate.run(cfg)

@@ -191,12 +191,58 @@ class EvaluateConfig:
 
 
 @dataclass
+class AssistantsConfig:
+    """MiniDisc: candidate teacher assistants pruned from the teacher, one slimmable trial, the λ-tradeoff."""
+    grid: str = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"  # candidate sparsities (of non-embedding parameters)
+    tradeoff_lambda: float = 0.2       # choose argmax P + λ·sparsity
+    max_sparsity: float = 1.0          # size floor: no assistant sparser than this
+    min_size_over_student: float = 1.0  # size floor: assistant ≥ this × the student's non-embedding params (0: off)
+    calibration_sequences: int = 16    # train sequences whose LM-loss gradients rank heads and neurons
+    steps: int = 30                    # slimmable training steps (sandwich rule: largest, smallest, middle widths)
+    middle_widths: int = 1             # sampled middle widths per step
+    batch_size: int = 4
+    lr: float = 2e-4
+    warmup_steps: int = 3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    clip_grad_norm: float = 1.0
+    eval_sequences: int | None = None  # validation sequences scoring each width (default all)
+    source: str = "assistant"          # the chosen assistant's signal store: RUN/signals/<source>
+    seed: int = 0
+
+    @property
+    def sparsities(self) -> list[float]:
+        return sorted(float(x) for x in self.grid.split(",") if x.strip())
+
+    def __post_init__(self):
+        try:
+            grid = self.sparsities
+        except ValueError:
+            grid = None
+        _check(bool(grid), f"assistants.grid must be comma-separated sparsities like 0.1,0.5,0.9, got {self.grid!r}")
+        _check(all(0.0 <= s < 1.0 for s in grid) and len(set(grid)) == len(grid),
+               f"assistants.grid values must be distinct and in [0, 1), got {self.grid!r}")
+        _check(self.tradeoff_lambda >= 0, f"assistants.tradeoff_lambda must be >= 0, got {self.tradeoff_lambda}")
+        _check(0.0 <= self.max_sparsity <= 1.0, f"assistants.max_sparsity must be in [0, 1], got {self.max_sparsity}")
+        _check(self.min_size_over_student >= 0, f"assistants.min_size_over_student must be >= 0, got {self.min_size_over_student}")
+        for name in ("calibration_sequences", "steps", "batch_size"):
+            _check(getattr(self, name) >= 1, f"assistants.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.middle_widths >= 0, f"assistants.middle_widths must be >= 0, got {self.middle_widths}")
+        _check(self.lr > 0, f"assistants.lr must be > 0, got {self.lr}")
+        _check(self.eval_sequences is None or self.eval_sequences >= 1,
+               f"assistants.eval_sequences must be >= 1 or null, got {self.eval_sequences}")
+        check_source_name(self.source, "assistants.source")
+        _check(self.source != TEACHER_SOURCE, f"assistants.source cannot be {TEACHER_SOURCE!r} (the teacher's own store)")
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    assistants: AssistantsConfig = field(default_factory=AssistantsConfig)
 
     # where each stage's outputs live inside the run folder
     @property
@@ -220,13 +266,18 @@ class Config:
     def eval_dir(self) -> Path:
         return Path(self.run_dir) / "eval"
 
+    @property
+    def assistants_dir(self) -> Path:
+        """MiniDisc's outputs: the slimmable assistant, ta_plan.json, ta_tradeoff.png, the chosen export."""
+        return Path(self.run_dir) / "assistants"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SECTIONS = {f.name: f.type for f in fields(Config) if f.name != "run_dir"}
 _SECTION_TYPES = {"prepare": PrepareConfig, "precompute": PrecomputeConfig, "train": TrainConfig,
-                  "evaluate": EvaluateConfig}
+                  "evaluate": EvaluateConfig, "assistants": AssistantsConfig}
 
 
 def _coerce(value, hint, key: str):

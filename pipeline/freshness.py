@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import TEACHER_SOURCE, Config
 
 STAGES_DIR = ".stages"
 
@@ -29,13 +29,20 @@ EXECUTION_ONLY = {
 def stage_inputs(cfg: Config) -> dict[str, dict]:
     """stage -> the config values its output depends on (beyond its upstream stages' outputs)."""
     out = {}
-    for stage in ("prepare", "precompute", "train", "evaluate"):
+    for stage in ("prepare", "precompute", "train", "evaluate", "assistants"):
         section = getattr(cfg, stage).__dict__
         out[stage] = {k: v for k, v in section.items() if k not in EXECUTION_ONLY.get(stage, set())}
     if cfg.prepare.tokenizer == "teacher":  # the token store is made with the teacher's tokenizer
         out["prepare"]["teacher"] = cfg.precompute.teacher
     out["evaluate"]["device"] = cfg.train.device
+    # the size floor is relative to the student; the assistant learns with the student's tail mode and device
+    out["assistants"].update(student=cfg.train.student, tail=cfg.train.tail, device=cfg.train.device)
     return out
+
+
+def precompute_stage(source: str) -> str:
+    """The stage name (and .done marker) of caching one source: precompute, or precompute-<source>."""
+    return "precompute" if source == TEACHER_SOURCE else f"precompute-{source}"
 
 
 def stages_dir(cfg: Config) -> Path:
