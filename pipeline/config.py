@@ -64,6 +64,7 @@ class PrecomputeConfig:
     workers: int = 1                   # LocalCluster worker processes
     threads_per_worker: int | None = None  # torch threads per worker (default: cores / workers)
     backend: str = "zarr"
+    trust_remote_code: bool = False    # run Python code shipped with a hub teacher/tokenizer (only for code you trust)
 
     def __post_init__(self):
         _check(self.k >= 1, f"precompute.k must be >= 1, got {self.k}")
@@ -97,6 +98,7 @@ class TrainConfig:
     prefetch: int = 4                  # batches read ahead in a background thread
     chunk_size: int = 1024             # positions per loss chunk
     log_every: int = 10
+    trust_remote_code: bool = False    # run Python code shipped with a hub student (only for code you trust)
 
     def __post_init__(self):
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")

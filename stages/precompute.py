@@ -25,16 +25,16 @@ from storage.manifest import read_manifest
 _TEACHERS: dict = {}  # per worker process: teacher spec -> model, so each worker loads a source once
 
 
-def _worker_teacher(spec: str, threads: int | None):
+def _worker_teacher(spec: str, threads: int | None, trust_remote_code: bool = False):
     if spec not in _TEACHERS:
         if threads:
             torch.set_num_threads(threads)
-        _TEACHERS[spec] = load_teacher(spec, pick_device("auto"))
+        _TEACHERS[spec] = load_teacher(spec, pick_device("auto"), trust_remote_code=trust_remote_code)
     return _TEACHERS[spec]
 
 
 def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, k: int, batch_size: int,
-                     value_dtype: str, threads: int | None = None) -> dict:
+                     value_dtype: str, threads: int | None = None, trust_remote_code: bool = False) -> dict:
     """One task: the teacher's top-k signal for one token shard, committed into the signal store."""
     signals = Store(Path(signal_dir), read_manifest(Path(signal_dir)))
     tokens = Store(Path(token_dir), read_manifest(Path(token_dir)))
@@ -42,7 +42,7 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, k
     if name in signals.committed():
         return {"name": name, "tokens": n_tokens, "skipped": True, "seconds": 0.0}
     start = time.perf_counter()
-    model = _worker_teacher(teacher, threads)
+    model = _worker_teacher(teacher, threads, trust_remote_code)
     device = next(model.parameters()).device
     input_ids = torch.from_numpy(tokens.read_shard(name, ["input_ids"])["input_ids"].astype("int64"))  # (n, T)
     parts = []
@@ -66,13 +66,13 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
 
     pc = cfg.precompute
     model_path = resolve_model_path(model)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, pc.trust_remote_code)
     model_tok = tokenizer_fingerprint(tokenizer)
     if model_tok != tokens.manifest.fingerprints["tokenizer"]:
         raise KdcacheError(f"{source} {model!r} tokenizer {model_tok} differs from the token store's "
                            f"{tokens.manifest.fingerprints['tokenizer']}: every source must share the tokenizer "
                            "the data was prepared with")
-    vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
+    vocab_size = AutoConfig.from_pretrained(model_path, trust_remote_code=pc.trust_remote_code).vocab_size
     if pc.k > vocab_size:
         raise KdcacheError(f"precompute.k={pc.k} exceeds the {source}'s vocabulary ({vocab_size})")
     return Manifest(
@@ -111,14 +111,15 @@ def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, sour
     out_dir = cfg.signal_dir(source)
     tokens = Store.open(cfg.tokens_dir)
     manifest = signal_manifest(cfg, tokens, source, model)
-    signals = Store.create(out_dir, manifest, overwrite)
+    signals = Store.create(out_dir, manifest, overwrite)  # holds the store's writer lock until close()
     done = signals.committed()
     todo = [r for r in manifest.layout if r.name not in done]
     seq_len = manifest.params["seq_len"]
     total = sum(r.count for r in manifest.layout) * seq_len
     threads = pc.threads_per_worker or max(1, (os.cpu_count() or 1) // pc.workers)
     tasks = [dask.delayed(precompute_shard, pure=True)(str(cfg.tokens_dir), str(out_dir), r.name,
-                                                       model, pc.k, pc.batch_size, pc.value_dtype, threads)
+                                                       model, pc.k, pc.batch_size, pc.value_dtype, threads,
+                                                       pc.trust_remote_code)
              for r in todo]
     bar = tqdm(total=total, initial=total - sum(r.count for r in todo) * seq_len, unit="tok", unit_scale=True,
                desc=f"precompute {source} ({len(todo)} of {len(manifest.layout)} shards to do)", smoothing=0.1)
@@ -144,7 +145,10 @@ def run(cfg: Config, scheduler: str | None = None, overwrite: bool = False, sour
                     cluster.close()
     finally:
         bar.close()
-        signals.refresh_manifest()
+        try:
+            signals.refresh_manifest()
+        finally:
+            signals.close()
     if not signals.manifest.complete:
         raise KdcacheError(f"precompute finished with {len(manifest.layout) - len(signals.manifest.shards)} "
                            f"shards missing in {out_dir}: rerun to resume")

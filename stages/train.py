@@ -21,7 +21,7 @@ from pipeline.config import TEACHER_SOURCE, Config, TrainConfig
 from pipeline.errors import KdcacheError
 from stages.data import CachedKDDataset, Prefetcher
 from stages.losses import ObjectiveSpec, compute_objective
-from stages.models import build_student, load_tokenizer, resolve_model_path, tokenizer_fingerprint
+from stages.models import build_student, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 from stages.runtime import autocast, pick_device
 from stages.schedules import TAIDSchedule, WarmupCosineLR
 from stages.signals import sparse_target
@@ -41,8 +41,21 @@ def objective_spec(tc: TrainConfig) -> ObjectiveSpec:
 def open_stores(cfg: Config, source: str = TEACHER_SOURCE) -> tuple[Store, Store]:
     """The token store and the signal store of `source`, which must have been computed from those tokens."""
     tokens = Store.open(cfg.tokens_dir)
-    signals = Store.open(cfg.signal_dir(source), expect={"token_store": tokens.manifest.fingerprint(),
-                                                         "tokenizer": tokens.manifest.fingerprints["tokenizer"]})
+    signals = Store.open(cfg.signal_dir(source))
+    made_from = signals.manifest.fingerprints.get("token_store")
+    if made_from != tokens.manifest.fingerprint():
+        raise KdcacheError(f"signal store {signals.path} was computed from another token store ({made_from}, but "
+                           f"{tokens.path} is now {tokens.manifest.fingerprint()}: the tokens were rebuilt after "
+                           "precompute): rerun precompute with --overwrite")
+    signals.check({"tokenizer": tokens.manifest.fingerprints["tokenizer"],
+                   "seq_len": tokens.manifest.params["seq_len"]})
+    if source == TEACHER_SOURCE:  # the teacher's cache must come from the configured teacher
+        want = model_fingerprint(cfg.precompute.teacher)
+        if signals.manifest.fingerprints.get("teacher") != want:
+            raise KdcacheError(f"signal store {signals.path} was computed by teacher "
+                               f"{signals.manifest.params.get('teacher')!r} ({signals.manifest.fingerprints.get('teacher')}), "
+                               f"not by precompute.teacher={cfg.precompute.teacher!r} ({want}): rerun precompute "
+                               "with --overwrite or set precompute.teacher")
     return tokens, signals
 
 
@@ -92,12 +105,16 @@ def save_checkpoint(ckpt_dir: Path, step: int, student, optimizer, state: dict, 
     final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    save_model(student, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        save_model(student, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:  # e.g. disk full: earlier checkpoints stay, no half-written one is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(ckpt_dir.glob(CHECKPOINT_PREFIX + "*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -120,10 +137,13 @@ def save_student(student, out: Path, tokenizer_spec: str) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the log has each step once."""
+    """Drop log lines written after the checkpoint we resume from, so the log has each step once. Rewritten
+    aside and renamed, so a kill during the rewrite cannot lose the lines that are kept."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        lines = [l for l in path.read_text().splitlines() if l.endswith("}") and json.loads(l)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(l + "\n" for l in lines))
+        os.replace(tmp, path)
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -137,7 +157,7 @@ def run(cfg: Config, resume: bool = True) -> Path:
     # layerdrop/random students and the saved tokenizer come from the teacher, whichever source the signal is
     teacher_spec = cfg.precompute.teacher
 
-    student = build_student(tc.student, teacher_spec, seed=tc.seed)
+    student = build_student(tc.student, teacher_spec, seed=tc.seed, trust_remote_code=tc.trust_remote_code)
     check_student(student, signals, tc.student)
     student.config.use_cache = False
     out_dir, ckpt_dir = cfg.student_dir, cfg.student_dir / "checkpoints"
