@@ -248,6 +248,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise KdcacheError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+        if not isinstance(data, dict):
+            raise KdcacheError(f"invalid config: the YAML top level of {path} must be a mapping of sections, "
+                               f"got a {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise KdcacheError(f"invalid override {item!r}: use section.field=value")

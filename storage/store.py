@@ -93,7 +93,7 @@ class Store:
         The returned store holds the store's writer lock (storage/lock.py) until `close()` or process exit.
         """
         path = Path(path)
-        if not (path / MANIFEST_NAME).exists() and path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
+        if not (path / MANIFEST_NAME).exists() and path.exists() and not _unstarted(path):
             raise StoreError(f"{path} exists and is not a kdcache store: choose an empty or new directory")
         lock = acquire_writer_lock(path)
         try:
@@ -250,6 +250,18 @@ class Store:
 
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.manifest.shards)
+
+
+def _unstarted(path: Path) -> bool:
+    """Empty, or what a create killed before its first manifest leaves: the lock, an empty shards folder, a
+    manifest temporary."""
+    for child in path.iterdir():
+        if child.name == LOCK_NAME or child.name.startswith(f".{MANIFEST_NAME}."):
+            continue
+        if child.name == SHARDS_DIR and child.is_dir() and not any(child.iterdir()):
+            continue
+        return False
+    return True
 
 
 def _diff(old, new) -> str:
