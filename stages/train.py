@@ -59,7 +59,7 @@ def open_stores(cfg: Config, source: str = TEACHER_SOURCE) -> tuple[Store, Store
     return tokens, signals
 
 
-def check_student(student, signals: Store, student_spec: str) -> None:
+def check_student(student, signals: Store, student_spec: str, trust_remote_code: bool = False) -> None:
     """The student's output layer must match the cached vocabulary, and a shipped tokenizer must match too."""
     vocab = signals.manifest.params["vocab_size"]
     student_vocab = student.get_output_embeddings().weight.shape[0]
@@ -68,7 +68,7 @@ def check_student(student, signals: Store, student_spec: str) -> None:
                            f"{signals.path} has {vocab}: the student must share the teacher's tokenizer")
     path = Path(student_spec)
     if path.is_dir() and (path / "tokenizer_config.json").exists():
-        fp = tokenizer_fingerprint(load_tokenizer(str(path)))
+        fp = tokenizer_fingerprint(load_tokenizer(str(path), trust_remote_code))
         if fp != signals.manifest.fingerprints["tokenizer"]:
             raise KdcacheError(f"student {student_spec!r} tokenizer {fp} differs from the cache's "
                                f"{signals.manifest.fingerprints['tokenizer']}: use a student with the teacher's tokenizer")
@@ -121,16 +121,22 @@ def save_checkpoint(ckpt_dir: Path, step: int, student, optimizer, state: dict, 
 
 
 def load_checkpoint(path: Path, student, optimizer) -> dict:
-    load_model(student, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    """Tensors only: safetensors, JSON, and torch.load(weights_only=True), which refuses any pickled object."""
+    try:
+        load_model(student, str(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        return json.loads((path / "state.json").read_text())
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise KdcacheError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {reason}): delete it to "
+                           "resume from an earlier one, or pass --no-resume") from e
 
 
-def save_student(student, out: Path, tokenizer_spec: str) -> None:
+def save_student(student, out: Path, tokenizer_spec: str, trust_remote_code: bool = False) -> None:
     """save_pretrained (+ the teacher's tokenizer) atomically, so `from_pretrained(out)` loads the student."""
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     student.save_pretrained(tmp)
-    load_tokenizer(tokenizer_spec).save_pretrained(tmp)
+    load_tokenizer(tokenizer_spec, trust_remote_code).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)
@@ -158,12 +164,12 @@ def run(cfg: Config, resume: bool = True) -> Path:
     teacher_spec = cfg.precompute.teacher
 
     student = build_student(tc.student, teacher_spec, seed=tc.seed, trust_remote_code=tc.trust_remote_code)
-    check_student(student, signals, tc.student)
+    check_student(student, signals, tc.student, tc.trust_remote_code)
     student.config.use_cache = False
     out_dir, ckpt_dir = cfg.student_dir, cfg.student_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / "init" / "config.json").exists():  # the untrained student, evaluate's baseline
-        save_student(student, out_dir / "init", teacher_spec)
+        save_student(student, out_dir / "init", teacher_spec, cfg.precompute.trust_remote_code)
     student.to(device).train()
 
     decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
@@ -207,7 +213,7 @@ def run(cfg: Config, resume: bool = True) -> Path:
         finally:
             stream.close()
             bar.close()
-    save_student(student.cpu(), out_dir / "final", teacher_spec)
+    save_student(student.cpu(), out_dir / "final", teacher_spec, cfg.precompute.trust_remote_code)
     print(f"train: student saved to {out_dir / 'final'}", flush=True)
     return out_dir / "final"
 

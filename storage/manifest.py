@@ -5,6 +5,7 @@ are committed. Fingerprints are opaque strings compared for equality by readers.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -128,6 +129,9 @@ def write_manifest(store_dir: Path, manifest: Manifest) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # e.g. disk full: the old manifest stays, no half-written temporary is left
+    except BaseException as e:  # e.g. disk full: the old manifest stays, no half-written temporary is left
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise StoreError(f"disk full while writing {path}: the previous manifest is intact and the store "
+                             "consistent; free space and rerun to resume") from e
         raise

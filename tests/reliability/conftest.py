@@ -10,6 +10,7 @@ import json
 import pytest
 
 COUNTS: dict[str, int] = {}
+DETAILS: dict = {}  # e.g. the kill harness's full result, written next to the counts
 WRITTEN: list[str] = []
 
 
@@ -20,7 +21,7 @@ def tally(tmp_path_factory):
 
     yield add
     path = tmp_path_factory.getbasetemp() / "reliability-counts.json"
-    path.write_text(json.dumps(COUNTS, indent=1, sort_keys=True))
+    path.write_text(json.dumps({"counts": COUNTS, **DETAILS}, indent=1, sort_keys=True))
     WRITTEN.append(str(path))
 
 

@@ -32,7 +32,9 @@ def harness(tmp_path_factory, tiny_teacher, tally):
     result = json.loads(out.read_text())
     for stage in KILLS:
         tally(f"kills survived ({stage})", result[stage]["kills"])
-    print(f"kill harness: {json.dumps(result)}")
+    from tests.reliability.conftest import DETAILS
+
+    DETAILS["kill_harness"] = result
     return result
 
 
