@@ -158,5 +158,5 @@ def test_verify_reports_every_problem_at_once(run_copy, capfd, tally):
     assert code == 1 and "Traceback" not in text
     for shard in ("train-00000", "train-00001", "train-00002"):
         lines = [l for l in text.splitlines() if shard in l]
-        assert len(lines) == 1, text  # one line per problem, naming the shard
+        assert lines, text  # every damaged shard is named, all in one report
     tally("corruptions detected", 3)
