@@ -191,8 +191,8 @@ def run(cfg: Config, resume: bool = True) -> Path:
         step, position = state["step"], state["position"]
         if taid is not None:
             taid.load_state_dict(state["taid"])
-        _truncate_log(log_path, step)
         print(f"train: resuming from {checkpoint.name} (step {step}, sequence {position})", flush=True)
+    _truncate_log(log_path, step)  # lines past the resume point (all, when a run killed before its first checkpoint)
     if step >= tc.max_steps:
         print(f"train: already at step {step} of {tc.max_steps}", flush=True)
     else:

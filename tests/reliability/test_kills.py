@@ -58,3 +58,29 @@ def test_second_writer_stops_with_a_clear_error(harness, stage):
     assert c["second_exit"] == 2 and c["second_wrote_nothing"]
     assert "is being written by another process" in c["second_error"] and f"pid {c['holder_pid']} " in c["second_error"]
     assert c["first_exit"] == 0 and c["first_identical"]
+
+
+def test_crash_before_the_first_checkpoint_logs_each_step_once(run_copy, monkeypatch):
+    """Found by the harness: a run killed after logging step 1 but before its first checkpoint must not leave that
+    line behind for the rerun to log again."""
+    import json
+
+    from stages import train
+
+    real, calls = train._train_step, []
+
+    def crash_on_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_step", crash_on_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(run_copy)
+    assert not (run_copy.student_dir / "checkpoints").exists() or not train.latest_checkpoint(
+        run_copy.student_dir / "checkpoints")
+    monkeypatch.undo()
+    train.run(run_copy)
+    steps = [json.loads(l)["step"] for l in (run_copy.student_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
