@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import sys
@@ -17,15 +18,19 @@ DEBUG = {"on": False}
 
 
 def config_options(f):
-    """-c/--config FILE, -s/--set section.field=value (repeatable), --run-dir DIR."""
+    """-c/--config FILE, -s/--set section.field=value (repeatable), --run-dir DIR, --trust-remote-code."""
     @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
                   help="YAML config file (defaults apply to everything it leaves out).")
     @click.option("-s", "--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
                   help="Override one config field, e.g. -s train.lr=1e-4 (repeatable).")
     @click.option("--run-dir", default=None, help="Run folder for all stage outputs (default runs/default).")
+    @click.option("--trust-remote-code", is_flag=True,
+                  help="Let hub teachers/students/tokenizers run the Python code they ship (off by default).")
     @functools.wraps(f)
-    def wrapper(config_path, overrides, run_dir, **kwargs):
+    def wrapper(config_path, overrides, run_dir, trust_remote_code, **kwargs):
         overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
+        if trust_remote_code:
+            overrides += ["precompute.trust_remote_code=true", "train.trust_remote_code=true"]
         cfg = load_config(config_path, overrides)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
@@ -273,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return e.exit_code
+    except OSError as e:
+        if e.errno != errno.ENOSPC or DEBUG["on"]:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        click.echo(f"kdcache: error: disk full{where} (no space left on device): finished shards and checkpoints "
+                   "are kept and every store is still consistent; free space and rerun to resume", err=True)
+        return 2
     except KeyboardInterrupt:
         click.echo("kdcache: interrupted (finished shards and checkpoints are kept; rerun to resume)", err=True)
         return 130

@@ -77,6 +77,7 @@ class PrecomputeConfig:
     # committee members cached beside the teacher, "name=model_spec" each (foundation / complementary teachers,
     # assistants): RUN/signals/<name>. Every member must share the tokenizer the data was prepared with.
     members: list[str] = field(default_factory=list)
+    trust_remote_code: bool = False    # run Python code shipped with a hub teacher/tokenizer (only for code you trust)
 
     def __post_init__(self):
         names = [TEACHER_SOURCE]
@@ -144,6 +145,7 @@ class TrainConfig:
     committee_fixed: list[float] = field(default_factory=list)  # weights per member for "fixed" (normalised to sum 1)
     committee_dim: int = 64            # the module's teacher-embedding size d
     committee_lr: float = 1e-2         # the module's own AdamW learning rate (constant)
+    trust_remote_code: bool = False    # run Python code shipped with a hub student (only for code you trust)
 
     def __post_init__(self):
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -379,6 +381,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise KdcacheError(f"config file {path} is not valid YAML{where}: fix the syntax") from None
+        if not isinstance(data, dict):
+            raise KdcacheError(f"invalid config: the YAML top level of {path} must be a mapping of sections, "
+                               f"got a {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise KdcacheError(f"invalid override {item!r}: use section.field=value")

@@ -68,7 +68,8 @@ def run(cfg: Config) -> dict:
         path = cfg.student_dir / ("init" if name == "untrained" else "final")
         if not (path / "config.json").exists():
             raise KdcacheError(f"no {name} student at {path}: run `kdcache train` first")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     trust_remote_code=cfg.train.trust_remote_code)
         results[name] = evaluate_model(model, tokens, signals, ec.batch_size, ec.max_sequences, device,
                                        desc=f"evaluate ({name})")
         del model

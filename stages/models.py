@@ -99,17 +99,17 @@ def load_causal_lm(spec: str, device: torch.device | str = "cpu", dtype=torch.fl
     return model.to(device).eval()
 
 
-def load_teacher(spec: str, device: torch.device | str = "cpu", dtype=torch.float32):
+def load_teacher(spec: str, device: torch.device | str = "cpu", dtype=torch.float32, trust_remote_code: bool = False):
     """The teacher model. Only precompute (and the online-KD baseline) may call this."""
-    return load_causal_lm(spec, device, dtype)
+    return load_causal_lm(spec, device, dtype, trust_remote_code)
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise KdcacheError(f"cannot load tokenizer {spec!r}: {str(e).splitlines()[0]}") from e
 
@@ -189,7 +189,7 @@ def build_student(spec: str, teacher_spec: str, seed: int = 0, trust_remote_code
     except (ValueError, AssertionError):
         raise KdcacheError(f"invalid student spec {spec!r}: use {kind}:N with N >= 1 layers") from None
     teacher_path = Path(resolve_model_path(teacher_spec))
-    config = AutoConfig.from_pretrained(teacher_path)
+    config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     n_teacher = config.num_hidden_layers
     if n_layers > n_teacher:
         raise KdcacheError(f"student {spec!r} has more layers than the teacher ({n_teacher})")

@@ -30,16 +30,16 @@ from storage.manifest import read_manifest
 _TEACHERS: dict = {}  # per worker process: teacher spec -> model, so each worker loads a source once
 
 
-def _worker_teacher(spec: str, threads: int | None):
+def _worker_teacher(spec: str, threads: int | None, trust_remote_code: bool = False):
     if spec not in _TEACHERS:
         if threads:
             torch.set_num_threads(threads)
-        _TEACHERS[spec] = load_teacher(spec, pick_device("auto"))
+        _TEACHERS[spec] = load_teacher(spec, pick_device("auto"), trust_remote_code=trust_remote_code)
     return _TEACHERS[spec]
 
 
 def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, batch_size: int,
-                     threads: int | None = None) -> dict:
+                     threads: int | None = None, trust_remote_code: bool = False) -> dict:
     """One task: the teacher's signal for one token shard, committed into the signal store. What is cached
     (kind, k, N, value encoding, seed) is read from the store's manifest params."""
     signals = Store(Path(signal_dir), read_manifest(Path(signal_dir)))
@@ -48,7 +48,7 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, b
     if name in signals.committed():
         return {"name": name, "tokens": n_tokens, "skipped": True, "seconds": 0.0}
     start = time.perf_counter()
-    model = _worker_teacher(teacher, threads)
+    model = _worker_teacher(teacher, threads, trust_remote_code)
     device = next(model.parameters()).device
     params = signals.manifest.params
     kind = params["signal"]
@@ -74,14 +74,14 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
 
     pc = cfg.precompute
     model_path = resolve_model_path(model)
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, pc.trust_remote_code)
     model_tok = tokenizer_fingerprint(tokenizer)
     if model_tok != tokens.manifest.fingerprints["tokenizer"]:
         raise KdcacheError(f"{source} {model!r} tokenizer {model_tok} differs from the token store's "
                            f"{tokens.manifest.fingerprints['tokenizer']}: every source must share the tokenizer "
                            "the data was prepared with (the student's; cross-tokenizer members are not supported "
                            "yet)")
-    vocab_size = AutoConfig.from_pretrained(model_path).vocab_size
+    vocab_size = AutoConfig.from_pretrained(model_path, trust_remote_code=pc.trust_remote_code).vocab_size
     if pc.signal != "sample" and pc.k > vocab_size:
         raise KdcacheError(f"precompute.k={pc.k} exceeds the {source}'s vocabulary ({vocab_size})")
     if pc.signal == "hybrid" and pc.k >= vocab_size:
@@ -147,6 +147,7 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
     scheduler = scheduler or pc.scheduler
     tokens = Store.open(cfg.tokens_dir)
     manifests = [signal_manifest(cfg, tokens, name, spec) for name, spec in sources]  # refuses a mismatch first
+    # each store holds its writer lock until close()
     stores = [Store.create(cfg.signal_dir(name), manifest, overwrite) for (name, _), manifest in zip(sources, manifests)]
     todo = [[r for r in store.manifest.layout if r.name not in store.committed()] for store in stores]
     seq_len = tokens.manifest.params["seq_len"]
@@ -157,7 +158,8 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
         for (name, spec), store, records in zip(sources, stores, todo):
             if i < len(records):
                 tasks.append(dask.delayed(precompute_shard, pure=True)(
-                    str(cfg.tokens_dir), str(store.path), records[i].name, spec, pc.batch_size, threads))
+                    str(cfg.tokens_dir), str(store.path), records[i].name, spec, pc.batch_size, threads,
+                    pc.trust_remote_code))
     n_todo = sum(len(t) for t in todo)
     n_shards = len(tokens.manifest.layout) * len(sources)
     what = sources[0][0] if len(sources) == 1 else f"{len(sources)} sources"
@@ -188,7 +190,10 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
     finally:
         bar.close()
         for store in stores:
-            store.refresh_manifest()
+            try:
+                store.refresh_manifest()
+            finally:
+                store.close()
     what = {"topk": f"top-{pc.k}", "sample": f"sample N={pc.samples}",
             "hybrid": f"top-{pc.k} + N={pc.samples} tail draws"}[pc.signal]
     for (name, _), store in zip(sources, stores):

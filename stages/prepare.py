@@ -8,6 +8,7 @@ seeded shuffle, so validation text is never seen in training.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import random
@@ -23,6 +24,7 @@ from storage import Manifest, Store, make_layout
 from storage.codecs import id_dtype
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".csv")
 
 
 # ---- loading -------------------------------------------------------------------------------------------
@@ -35,6 +37,8 @@ def load_records(cfg: PrepareConfig) -> list[dict]:
         return [{"text": text, "id": name} for name, text in sorted(pydoc_data.topics.topics.items())]
     import datasets
 
+    datasets.disable_progress_bars()  # its per-split bars and parse-error logs would bury our one-line errors
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     path = Path(cfg.dataset).expanduser()
     suffix = path.suffix.lower()
     if suffix in LOCAL_FORMATS or path.exists():
@@ -42,11 +46,14 @@ def load_records(cfg: PrepareConfig) -> list[dict]:
             raise KdcacheError(f"data file {path} does not exist")
         if suffix not in LOCAL_FORMATS:
             raise KdcacheError(f"data file {path} has an unsupported type: use {', '.join(LOCAL_FORMATS)}")
+        if suffix in TEXT_SUFFIXES:
+            check_text_file(path)
         kwargs = {"sample_by": "paragraph"} if suffix == ".txt" else {}
         try:
             ds = datasets.load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **kwargs)
         except Exception as e:  # datasets wraps parse errors in many types
-            raise KdcacheError(f"cannot read {path}: {_first_line(e)}") from e
+            detail = _bad_json_line(path) if suffix == ".jsonl" else None
+            raise KdcacheError(f"cannot read {path}: {detail or _first_line(e)}") from e
     else:
         try:
             ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
@@ -56,7 +63,45 @@ def load_records(cfg: PrepareConfig) -> list[dict]:
     return [dict(r) for r in ds]
 
 
-def _first_line(e: Exception) -> str:
+def check_text_file(path: Path) -> None:
+    """Refuse non-UTF-8 bytes and empty files up front: datasets reports them as a traceback deep inside pyarrow
+    or as a bare StopIteration. Reads the file in blocks (no size limit)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, empty = 1, True
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                where = line + e.object[:e.start].count(b"\n")
+                raise KdcacheError(f"data file {path} is not valid UTF-8 (byte {e.object[e.start]:#04x} on line "
+                                   f"{where}): re-encode it as UTF-8") from None
+            line += block.count(b"\n")
+            empty = empty and not block.strip()
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise KdcacheError(f"data file {path} is not valid UTF-8 (it ends inside a multi-byte character): "
+                           "re-encode it as UTF-8") from None
+    if empty:
+        raise KdcacheError(f"data file {path} is empty: it has no records")
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """The first line of a JSON-lines file that does not parse, to name it in the error."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {number} is not valid JSON ({e.msg})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    while e.__cause__ is not None:  # datasets wraps the parser's message in a generic one
+        e = e.__cause__
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
 
@@ -182,7 +227,7 @@ def run(cfg: Config, overwrite: bool = False) -> Store:
     tokenizer_spec = cfg.precompute.teacher if pc.tokenizer == "teacher" else pc.tokenizer
     records = load_records(pc)
     fmt = detect_format(records, pc)
-    tokenizer = load_tokenizer(tokenizer_spec)
+    tokenizer = load_tokenizer(tokenizer_spec, cfg.precompute.trust_remote_code)
     if len(records) < 2:
         raise KdcacheError(f"dataset {pc.dataset!r} has {len(records)} record(s): at least 2 are needed "
                            "for a train/validation split")
@@ -228,16 +273,23 @@ def run(cfg: Config, overwrite: bool = False) -> Store:
                            for s, (i, m) in arrays.items()}},
         layout=make_layout({s: len(i) for s, (i, _) in arrays.items()}, pc.shard_sequences),
     )
-    store = Store.create(cfg.tokens_dir, manifest, overwrite)
-    done = store.committed()
-    todo = [r for r in manifest.layout if r.name not in done]
-    dtype = id_dtype(vocab_size)
-    for rec in tqdm(todo, desc="prepare: writing shards", unit="shard", disable=not todo):
-        ids, mask = arrays[rec.split]
-        store.write_shard(rec.name, {"input_ids": ids[rec.start:rec.start + rec.count].astype(dtype),
-                                     "loss_mask": mask[rec.start:rec.start + rec.count]})
-    store.refresh_manifest()
+    store = Store.create(cfg.tokens_dir, manifest, overwrite)  # holds the store's writer lock until close()
+    try:
+        done = store.committed()
+        todo = [r for r in manifest.layout if r.name not in done]
+        dtype = id_dtype(vocab_size)
+        for rec in tqdm(todo, desc="prepare: writing shards", unit="shard", disable=not todo):
+            ids, mask = arrays[rec.split]
+            store.write_shard(rec.name, {"input_ids": ids[rec.start:rec.start + rec.count].astype(dtype),
+                                         "loss_mask": mask[rec.start:rec.start + rec.count]})
+        store.refresh_manifest()
+    finally:
+        store.close()
     counts = manifest.params["splits"]
+    if stats["truncated"] or stats["dropped_too_long"] or stats["dropped_no_response"]:  # never silently
+        print(f"prepare: of {stats['records']} records, {stats['truncated']} longer than {pc.seq_len} tokens were cut "
+              f"at the end, {stats['dropped_too_long']} too long were dropped and {stats['dropped_no_response']} "
+              f"with no response left were dropped (prepare.truncation={pc.truncation})", flush=True)
     print(f"prepare: {fmt} data, {counts['train']['sequences']} train / {counts['validation']['sequences']} "
           f"validation sequences of {pc.seq_len} tokens -> {cfg.tokens_dir}", flush=True)
     return store

@@ -33,7 +33,7 @@ from stages.committee import TeacherUnderstanding
 from stages.data import CachedKDDataset, Prefetcher, signal_key
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.losses import committee as committee_loss
-from stages.models import build_student, load_tokenizer, resolve_model_path, tokenizer_fingerprint
+from stages.models import build_student, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
 from stages.runtime import all_reduce_sum, autocast, init_distributed, pick_device
 from stages.schedules import TAIDSchedule, WarmupCosineLR
 from stages.signals import sparse_target
@@ -59,8 +59,21 @@ def taid_schedule(tc: TrainConfig) -> TAIDSchedule:
 def open_stores(cfg: Config, source: str = TEACHER_SOURCE) -> tuple[Store, Store]:
     """The token store and the signal store of `source`, which must have been computed from those tokens."""
     tokens = Store.open(cfg.tokens_dir)
-    signals = Store.open(cfg.signal_dir(source), expect={"token_store": tokens.manifest.fingerprint(),
-                                                         "tokenizer": tokens.manifest.fingerprints["tokenizer"]})
+    signals = Store.open(cfg.signal_dir(source))
+    made_from = signals.manifest.fingerprints.get("token_store")
+    if made_from != tokens.manifest.fingerprint():
+        raise KdcacheError(f"signal store {signals.path} was computed from another token store ({made_from}, but "
+                           f"{tokens.path} is now {tokens.manifest.fingerprint()}: the tokens were rebuilt after "
+                           "precompute): rerun precompute with --overwrite")
+    signals.check({"tokenizer": tokens.manifest.fingerprints["tokenizer"],
+                   "seq_len": tokens.manifest.params["seq_len"]})
+    if source == TEACHER_SOURCE:  # the teacher's cache must come from the configured teacher
+        want = model_fingerprint(cfg.precompute.teacher)
+        if signals.manifest.fingerprints.get("teacher") != want:
+            raise KdcacheError(f"signal store {signals.path} was computed by teacher "
+                               f"{signals.manifest.params.get('teacher')!r} ({signals.manifest.fingerprints.get('teacher')}), "
+                               f"not by precompute.teacher={cfg.precompute.teacher!r} ({want}): rerun precompute "
+                               "with --overwrite or set precompute.teacher")
     return tokens, signals
 
 
@@ -77,7 +90,7 @@ def open_committee(cfg: Config, sources: list[str]) -> tuple[Store, dict[str, St
     return tokens, stores
 
 
-def check_student(student, signals: Store, student_spec: str) -> None:
+def check_student(student, signals: Store, student_spec: str, trust_remote_code: bool = False) -> None:
     """The student's output layer must match the cached vocabulary, and a shipped tokenizer must match too."""
     vocab = signals.manifest.params["vocab_size"]
     student_vocab = student.get_output_embeddings().weight.shape[0]
@@ -86,7 +99,7 @@ def check_student(student, signals: Store, student_spec: str) -> None:
                            f"{signals.path} has {vocab}: the student must share the teacher's tokenizer")
     path = Path(student_spec)
     if path.is_dir() and (path / "tokenizer_config.json").exists():
-        fp = tokenizer_fingerprint(load_tokenizer(str(path)))
+        fp = tokenizer_fingerprint(load_tokenizer(str(path), trust_remote_code))
         if fp != signals.manifest.fingerprints["tokenizer"]:
             raise KdcacheError(f"student {student_spec!r} tokenizer {fp} differs from the cache's "
                                f"{signals.manifest.fingerprints['tokenizer']}: use a student with the teacher's tokenizer")
@@ -168,44 +181,57 @@ def save_checkpoint(ckpt_dir: Path, step: int, student, optimizer, state: dict, 
     final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = ckpt_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    save_model(student, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if committee is not None and committee.module is not None:
-        save_model(committee.module, str(tmp / "committee.safetensors"))
-        torch.save(committee.optimizer.state_dict(), tmp / "committee_optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        save_model(student, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if committee is not None and committee.module is not None:
+            save_model(committee.module, str(tmp / "committee.safetensors"))
+            torch.save(committee.optimizer.state_dict(), tmp / "committee_optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:  # e.g. disk full: earlier checkpoints stay, no half-written one is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(ckpt_dir.glob(CHECKPOINT_PREFIX + "*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: Path, student, optimizer, committee: "Committee | None" = None) -> dict:
-    load_model(student, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if committee is not None and committee.module is not None:
-        load_model(committee.module, str(path / "committee.safetensors"))
-        committee.optimizer.load_state_dict(torch.load(path / "committee_optimizer.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    """Tensors only: safetensors, JSON, and torch.load(weights_only=True), which refuses any pickled object."""
+    try:
+        load_model(student, str(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if committee is not None and committee.module is not None:
+            load_model(committee.module, str(path / "committee.safetensors"))
+            committee.optimizer.load_state_dict(torch.load(path / "committee_optimizer.pt", weights_only=True))
+        return json.loads((path / "state.json").read_text())
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise KdcacheError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {reason}): delete it to "
+                           "resume from an earlier one, or pass --no-resume") from e
 
 
-def save_student(student, out: Path, tokenizer_spec: str) -> None:
+def save_student(student, out: Path, tokenizer_spec: str, trust_remote_code: bool = False) -> None:
     """save_pretrained (+ the teacher's tokenizer) atomically, so `from_pretrained(out)` loads the student."""
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     student.save_pretrained(tmp)
-    load_tokenizer(tokenizer_spec).save_pretrained(tmp)
+    load_tokenizer(tokenizer_spec, trust_remote_code).save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the log has each step once."""
+    """Drop log lines written after the checkpoint we resume from, so the log has each step once. Rewritten
+    aside and renamed, so a kill during the rewrite cannot lose the lines that are kept."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        lines = [l for l in path.read_text().splitlines() if l.endswith("}") and json.loads(l)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(l + "\n" for l in lines))
+        os.replace(tmp, path)
 
 
 # ---- the committee -------------------------------------------------------------------------------------
@@ -268,16 +294,16 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         raise KdcacheError(f"the train split has {n_shards} shards, fewer than the {world} ranks: prepare with a "
                            f"smaller prepare.shard_sequences or run fewer processes")
 
-    student = build_student(tc.student, teacher_spec, seed=tc.seed)
+    student = build_student(tc.student, teacher_spec, seed=tc.seed, trust_remote_code=tc.trust_remote_code)
     for store in (member_stores or {"": signals}).values():
-        check_student(student, store, tc.student)
+        check_student(student, store, tc.student, tc.trust_remote_code)
     student.config.use_cache = False
     out_dir, ckpt_dir = cfg.student_dir, cfg.student_dir / "checkpoints"
     log_path = out_dir / "metrics.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not (out_dir / "init" / "config.json").exists():  # the untrained student, evaluate's baseline
-            save_student(student, out_dir / "init", teacher_spec)
+            save_student(student, out_dir / "init", teacher_spec, cfg.precompute.trust_remote_code)
         if not resume:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             log_path.unlink(missing_ok=True)
@@ -327,8 +353,9 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         if taid is not None:
             taid.load_state_dict(state["taid"])
         if rank == 0:
-            _truncate_log(log_path, step)
             print(f"train: resuming from {checkpoint.name} (step {step}, sequence {position})", flush=True)
+    if rank == 0:
+        _truncate_log(log_path, step)  # lines past the resume point (all, when a run killed before its first checkpoint)
     if step >= tc.max_steps:
         if rank == 0:
             print(f"train: already at step {step} of {tc.max_steps}", flush=True)
@@ -355,7 +382,7 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
             stream.close()
             bar.close()
     if rank == 0:
-        save_student(student.cpu(), out_dir / "final", teacher_spec)
+        save_student(student.cpu(), out_dir / "final", teacher_spec, cfg.precompute.trust_remote_code)
         print(f"train: student saved to {out_dir / 'final'}", flush=True)
     if world > 1:
         dist.barrier()  # the student is saved before any rank returns

@@ -5,6 +5,7 @@ are committed. Fingerprints are opaque strings compared for equality by readers.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,15 @@ class Manifest:
         d["shards"] = tuple(ShardRecord.from_dict(s) for s in d.get("shards", []))
         return Manifest(**d)
 
+    def identity(self) -> dict:
+        """A short hash of each section that defines the store, recorded in every shard's commit record so an
+        edited manifest is caught (the committed shards list and code version are not part of it)."""
+        import hashlib
+
+        sections = {"kind": self.kind, "backend": self.backend, "fingerprints": self.fingerprints,
+                    "params": self.params, "layout": [(s.name, s.split, s.start, s.count) for s in self.layout]}
+        return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in sections.items()}
+
     def fingerprint(self) -> str:
         """A fingerprint of the store's content: its inputs, parameters and committed shards' array contents
         (not their file bytes, so the fingerprint survives `kdcache convert` to another backend)."""
@@ -107,7 +117,7 @@ def read_manifest(store_dir: Path) -> Manifest:
         raise StoreError(f"no store at {store_dir}: {MANIFEST_NAME} is missing (run the stage that writes it)")
     try:
         return Manifest.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError, AttributeError) as e:
         raise StoreError(f"{path} is not a valid manifest ({e}): delete the store and rerun the stage")
 
 
@@ -115,8 +125,15 @@ def write_manifest(store_dir: Path, manifest: Manifest) -> None:
     """Atomically replace the manifest (write a temporary file, fsync, rename)."""
     path = Path(store_dir) / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest.to_dict(), f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest.to_dict(), f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # e.g. disk full: the old manifest stays, no half-written temporary is left
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise StoreError(f"disk full while writing {path}: the previous manifest is intact and the store "
+                             "consistent; free space and rerun to resume") from e
+        raise

@@ -8,6 +8,7 @@ driver killed between a shard's rename and the manifest update loses nothing eit
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import numpy as np
 
 from storage import _arrow, _zarr
 from storage.errors import StoreError
+from storage.lock import LOCK_NAME, acquire_writer_lock
 from storage.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest, write_manifest
 
 BACKENDS = {"zarr": _zarr, "arrow": _arrow}
@@ -68,6 +70,14 @@ def content_hash(arrays: dict[str, np.ndarray]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _read_commit(commit: Path) -> dict:
+    try:
+        return json.loads(commit.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"commit record {commit} is corrupted ({e}): delete its shard folder and rerun "
+                         "the stage that writes it") from None
+
+
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
@@ -82,6 +92,13 @@ class Store:
         self.path = Path(path)
         self.manifest = manifest
         self.backend = _backend(manifest.backend)
+        self.writer_lock = None  # held by a store opened for writing (Store.create) until close()
+
+    def close(self) -> None:
+        """Give up the writer lock (a no-op for stores opened for reading)."""
+        if self.writer_lock is not None:
+            self.writer_lock.release()
+            self.writer_lock = None
 
     # ---- creation and opening -------------------------------------------------------------------------
 
@@ -90,23 +107,37 @@ class Store:
         """Create a store, or reopen an existing one written with the same inputs and parameters (resume).
 
         An existing store with other inputs/parameters is an error, unless `overwrite` deletes it first.
+        The returned store holds the store's writer lock (storage/lock.py) until `close()` or process exit.
         """
         path = Path(path)
+        if not (path / MANIFEST_NAME).exists() and path.exists() and not _unstarted(path):
+            raise StoreError(f"{path} exists and is not a kdcache store: choose an empty or new directory")
+        lock = acquire_writer_lock(path)
+        try:
+            store = Store._create_locked(path, manifest, overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        store.writer_lock = lock
+        return store
+
+    @staticmethod
+    def _create_locked(path: Path, manifest: Manifest, overwrite: bool) -> "Store":
         if (path / MANIFEST_NAME).exists():
             existing = read_manifest(path)
             for what in ("kind", "backend", "fingerprints", "params", "layout"):
                 old, new = getattr(existing, what), getattr(manifest, what)
                 if old != new and overwrite:
-                    shutil.rmtree(path)
-                    return Store.create(path, manifest)
+                    for child in path.iterdir():  # everything but the lock we hold
+                        if child.name != LOCK_NAME:
+                            shutil.rmtree(child) if child.is_dir() else child.unlink()
+                    return Store._create_locked(path, manifest, overwrite=False)
                 if old != new:
                     raise StoreError(f"{path} already holds a store with different {what} "
                                      f"({_diff(old, new)}): pass --overwrite, delete it, or choose another run folder")
             store = Store(path, existing)
             store.refresh_manifest()
             return store
-        if path.exists() and any(path.iterdir()):
-            raise StoreError(f"{path} exists and is not a kdcache store: choose an empty or new directory")
         (path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         write_manifest(path, manifest)
         return Store(path, manifest)
@@ -121,8 +152,25 @@ class Store:
             raise StoreError(f"store {path} is incomplete ({missing} of {len(manifest.layout)} shards missing): "
                              "rerun the stage that writes it to finish it")
         store = Store(path, manifest)
+        store.check_commit_records()
         store.check(expect or {})
         return store
+
+    def check_commit_records(self) -> None:
+        """An edited manifest (or one copied from another store) no longer matches its shards' commit records,
+        which carry the identity of the manifest they were written under. One record is enough to tell."""
+        identity = self.manifest.identity()
+        for rec in self.manifest.shards[:1]:
+            commit = self.shard_dir(rec.name) / COMMIT_NAME
+            if not commit.exists():
+                raise StoreError(f"shard {commit.parent} is listed in {self.path / MANIFEST_NAME} but missing: "
+                                 "rerun the stage that writes the store to restore it")
+            recorded = _read_commit(commit).get("store")
+            differ = [k for k in identity if recorded is not None and recorded.get(k) != identity[k]]
+            if differ:
+                raise StoreError(f"{self.path / MANIFEST_NAME} does not match the commit record of shard {rec.name} "
+                                 f"(its {', '.join(differ)} differ): the manifest was edited or comes from another "
+                                 "store; delete the store and rerun the stage that writes it")
 
     def check(self, expect: dict) -> None:
         """expect maps a fingerprint or param name to its expected value."""
@@ -136,7 +184,7 @@ class Store:
 
     def shard_dir(self, name: str) -> Path:
         """The shard's folder: the backend's data (`data.zarr` / `data.arrow`) and its `_commit.json`."""
-        if not name or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+        if not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".") or ".." in name:
             raise StoreError(f"invalid shard name {name!r} in {self.path}: the manifest may be tampered with")
         return self.path / SHARDS_DIR / name
 
@@ -145,11 +193,14 @@ class Store:
 
     def committed(self) -> dict[str, ShardRecord]:
         """Shards that are on disk under their final name, from their commit records."""
-        out = {}
+        out, identity = {}, self.manifest.identity()
         for rec in self.manifest.layout:
             commit = self.shard_dir(rec.name) / COMMIT_NAME
             if commit.exists():
-                info = json.loads(commit.read_text())
+                info = _read_commit(commit)
+                if info.get("store", identity) != identity:
+                    raise StoreError(f"shard {commit.parent} was written for another store (its commit record does "
+                                     f"not match {self.path / MANIFEST_NAME}): delete that shard folder and rerun")
                 out[rec.name] = replace(rec, checksum=info["checksum"], nbytes=info["nbytes"],
                                         content=info.get("content", ""))
         return out
@@ -168,7 +219,8 @@ class Store:
             checksum, nbytes = shard_checksum(tmp)
             content = content_hash(arrays)
             (tmp / COMMIT_NAME).write_text(json.dumps({"name": name, "checksum": checksum, "nbytes": nbytes,
-                                                       "content": content, "files": file_checksums(tmp)},
+                                                       "content": content, "files": file_checksums(tmp),
+                                                       "store": self.manifest.identity()},
                                                       indent=1, sort_keys=True))
             if final.exists():
                 existing = json.loads((final / COMMIT_NAME).read_text())["checksum"] \
@@ -178,6 +230,11 @@ class Store:
                                      f"({existing} vs {checksum}): the inputs changed; delete the store and rerun")
             else:
                 os.rename(tmp, final)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise StoreError(f"disk full while writing shard {name} of store {self.path}: the partial shard was "
+                             "discarded and the committed shards are intact; free space and rerun to resume") from e
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -219,6 +276,8 @@ class Store:
         """Rewrite the manifest from the shards on disk; drop leftovers of killed writers."""
         for leftover in (self.path / SHARDS_DIR).glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.path.glob(f".{MANIFEST_NAME}.*.tmp"):  # a manifest write killed before its rename
+            leftover.unlink(missing_ok=True)
         committed = self.committed()
         shards = tuple(committed[r.name] for r in self.manifest.layout if r.name in committed)
         self.manifest = replace(self.manifest, shards=shards)
@@ -227,6 +286,18 @@ class Store:
 
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.manifest.shards)
+
+
+def _unstarted(path: Path) -> bool:
+    """Empty, or what a create killed before its first manifest leaves: the lock, an empty shards folder, a
+    manifest temporary."""
+    for child in path.iterdir():
+        if child.name == LOCK_NAME or child.name.startswith(f".{MANIFEST_NAME}."):
+            continue
+        if child.name == SHARDS_DIR and child.is_dir() and not any(child.iterdir()):
+            continue
+        return False
+    return True
 
 
 def _diff(old, new) -> str:
