@@ -332,6 +332,12 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
     step, position = 0, 0
     inputs = training_inputs(cfg, [tokens, *(member_stores or {"": signals}).values()])
     checkpoint = latest_checkpoint(ckpt_dir) if resume else None
+    if checkpoint is not None:
+        saved_world = json.loads((checkpoint / "state.json").read_text()).get("world_size", 1)
+        if saved_world != world:  # each rank's stream position belongs to that world size's shard split
+            raise KdcacheError(f"checkpoint {checkpoint} was written by {saved_world} process(es) but this run has "
+                               f"{world}: resume with {saved_world} (torchrun --nproc_per_node={saved_world}) "
+                               f"or start over with --no-resume")
     stale = _stale_checkpoint(checkpoint, inputs) if checkpoint is not None else None
     if stale is not None:  # e.g. `make train` after a config change: the old trajectory is not this run's
         if world > 1:
@@ -344,11 +350,6 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         checkpoint = None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer, committee)
-        saved_world = state.get("world_size", 1)
-        if saved_world != world:  # each rank's stream position belongs to that world size's shard split
-            raise KdcacheError(f"checkpoint {checkpoint} was written by {saved_world} process(es) but this run has "
-                               f"{world}: resume with {saved_world} (torchrun --nproc_per_node={saved_world}) "
-                               f"or start over with --no-resume")
         step, position = state["step"], state.get("positions", [state["position"]])[rank]
         if taid is not None:
             taid.load_state_dict(state["taid"])
