@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from storage.codecs import KINDS, MAX_SAMPLES, VALUE_ENCODINGS, decode_signal, id_dtype, stored_arrays
 from storage.errors import StoreError
+from storage.lock import LOCK_NAME
 from storage.manifest import MANIFEST_NAME, Manifest, code_version, read_manifest
 from storage.store import (BACKENDS, COMMIT_NAME, SHARDS_DIR, Store, content_hash, file_checksums,
                            shard_checksum)
@@ -211,7 +212,7 @@ def verify_store(path: str | Path, progress: bool = False) -> tuple[list[str], i
             elif entry.name not in layout:
                 problems.append(f"{entry}: not a shard of this store's layout")
     for entry in sorted(path.iterdir()):
-        if entry.name not in (MANIFEST_NAME, SHARDS_DIR):
+        if entry.name not in (MANIFEST_NAME, SHARDS_DIR, LOCK_NAME):  # the lock file stays after its writer
             problems.append(f"{entry}: unexpected file in the store")
     return problems, checked
 
@@ -238,5 +239,8 @@ def convert_store(src: str | Path, dst: str | Path, backend: str, overwrite: boo
                 raise StoreError(f"shard {rec.name} converted to different arrays ({written.content[:19]} vs "
                                  f"{rec.content[:19]}): report this as a bug")
     finally:
-        target.refresh_manifest()
+        try:
+            target.refresh_manifest()
+        finally:
+            target.close()
     return target
