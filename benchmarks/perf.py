@@ -139,7 +139,7 @@ def bench_reader(cfg, reps: int, min_seconds: float = 1.0) -> dict:
     return {"read_shard_tokens_per_s": statistics.median(rates), "read_shard_runs": rates,
             "dataset_tokens_per_s": statistics.median(stream_rates), "dataset_runs": stream_rates,
             "shard_tokens": statistics.median(per_shard.values()), "k": signals.manifest.params["k"],
-            "value_dtype": signals.manifest.params["value_dtype"]}
+            "value_encoding": signals.manifest.params["value_encoding"]}
 
 
 # ---- 3 + 4. training steps: offline KD, plain CE, online KD --------------------------------------------------
