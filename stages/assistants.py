@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from pipeline.config import Config
 from pipeline.errors import KdcacheError
 from stages import pruning
-from stages.data import CachedKDDataset, Prefetcher, to_device
+from stages.data import CachedKDDataset, Prefetcher
+from stages.evaluate import validation_batches, validation_sequences
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path
 from stages.pruning import Width
@@ -160,18 +161,12 @@ def score_widths(model, layout: Width, widths: list[Width], tokens, signals, bat
                  max_sequences: int | None, device) -> list[dict]:
     """P (top-1 agreement with the cached teacher) and KL(teacher‖width) of every width on the validation split."""
     model.to(device).eval()
-    dataset = CachedKDDataset(tokens, signals, "validation", batch_size, shuffle=False, epochs=1)
-    total = dataset.n_sequences if max_sequences is None else min(max_sequences, dataset.n_sequences)
     sums = [{"top1": 0.0, "kl": 0.0} for _ in widths]
-    n_positions, seen = 0, 0
+    n_positions = 0
     spec = ObjectiveSpec(name="kl", tail="bucket")
+    total = validation_sequences(tokens, signals, max_sequences)
     bar = tqdm(total=total * len(widths), desc="assistants: scoring widths", unit="seq")
-    for _, batch in dataset:
-        if seen >= total:
-            break
-        batch = to_device({k: v[:total - seen] for k, v in batch.items()}, device, pin=False)
-        seen += len(batch["input_ids"])
-        positions, labels, target = loss_inputs(batch)
+    for batch, positions, labels, target in validation_batches(tokens, signals, batch_size, max_sequences, device):
         every = torch.ones_like(labels, dtype=torch.bool)
         for width, s in zip(widths, sums):
             out = compute_objective(pruning.sliced_logits(model, layout, width, batch["input_ids"], positions),

@@ -25,20 +25,33 @@ from stages.train import loss_inputs, open_stores, output_head, student_hidden
 KL_SPEC = ObjectiveSpec(name="kl", tail="bucket")
 
 
-@torch.no_grad()
-def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int | None, device, desc: str) -> dict:
-    model.to(device).eval()
+def validation_sequences(tokens, signals, max_sequences: int | None) -> int:
+    """How many validation sequences `validation_batches` yields: all, or the first max_sequences."""
+    n = sum(r.count for r in tokens.manifest.splits().get("validation", []))
+    return n if max_sequences is None else min(max_sequences, n)
+
+
+def validation_batches(tokens, signals, batch_size: int, max_sequences: int | None, device):
+    """The first validation sequences in store order, batched on `device`, with their loss inputs:
+    yields (batch, positions (N,), labels (N,), target SparseTarget (N, K)). Shared by evaluate and assistants."""
     dataset = CachedKDDataset(tokens, signals, "validation", batch_size, shuffle=False, epochs=1)
-    totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "top5_order": 0.0, "tail_mass": 0.0, "n": 0}
-    seen = 0
-    total = dataset.n_sequences if max_sequences is None else min(max_sequences, dataset.n_sequences)
-    bar = tqdm(total=total, desc=desc, unit="seq")
+    total, seen = validation_sequences(tokens, signals, max_sequences), 0
     for _, batch in dataset:
         if seen >= total:
             break
         batch = to_device({k: v[:total - seen] for k, v in batch.items()}, device, pin=False)
         seen += len(batch["input_ids"])
-        positions, labels, target = loss_inputs(batch)
+        yield (batch, *loss_inputs(batch))
+
+
+@torch.no_grad()
+def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int | None, device, desc: str) -> dict:
+    model.to(device).eval()
+    totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "top5_order": 0.0, "tail_mass": 0.0, "n": 0}
+    seen = 0
+    bar = tqdm(total=validation_sequences(tokens, signals, max_sequences), desc=desc, unit="seq")
+    for batch, positions, labels, target in validation_batches(tokens, signals, batch_size, max_sequences, device):
+        seen += len(batch["input_ids"])
         hidden = student_hidden(model, batch["input_ids"], positions)                 # (N, H)
         every = torch.ones_like(labels, dtype=torch.bool)
         kl = compute_objective(hidden, target, labels, every, KL_SPEC, lm_head=output_head(model, device))
