@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from storage.codecs import KINDS, MAX_SAMPLES, VALUE_ENCODINGS, decode_signal, id_dtype, stored_arrays
+from storage.codecs import (KINDS, MAX_SAMPLES, ROWS, VALUE_ENCODINGS, decode_signal, id_bits, id_dtype,
+                            ids_packed, stored_arrays)
 from storage.errors import StoreError
 from storage.lock import LOCK_NAME
 from storage.manifest import MANIFEST_NAME, Manifest, code_version, read_manifest
@@ -107,25 +108,28 @@ def array_problems(m: Manifest, count: int, arrays: dict[str, np.ndarray], where
         lead = (count, m.params["seq_len"])
         if width is None:
             want_shape = lead
-        elif width == -1:
-            want_shape = lead + (a.shape[-1] if a.ndim == 3 else "M",)
-            widths[name] = a.shape[-1] if a.ndim == 3 else None
+        elif width == ROWS:  # one row of drawn entries per sequence; its length L is the shard's
+            want_shape = (count, a.shape[-1] if a.ndim == 2 else "L")
+            widths[name] = a.shape[-1] if a.ndim == 2 else None
         else:
             want_shape = lead + (width,)
         if tuple(a.shape) != want_shape or a.dtype != np.dtype(dtype):
             out.append(f"{where}: array {name!r} is {a.dtype}{list(a.shape)} but the manifest implies "
                        f"{dtype}{list(want_shape)}")
     for ids, counts in (("ids", "counts"), ("tail_ids", "tail_counts")):
-        if counts in widths and ids in widths and widths[ids] != widths[counts]:
+        if counts in widths and ids in widths and not ids_match(widths[ids], widths[counts], m.params["vocab_size"]):
             out.append(f"{where}: {ids!r} and {counts!r} have {widths[ids]} and {widths[counts]} slots")
     if out or m.kind != "signals":
         return out
     for counts in ("counts", "tail_counts"):
         if counts in arrays and arrays[counts].size:
-            sums = arrays[counts].astype(np.int64).sum(-1)
-            if (sums != m.params["samples"]).any():
-                out.append(f"{where}: {counts!r} sum to {int(sums.min())}..{int(sums.max())} draws at some positions, "
-                           f"not params.samples = {m.params['samples']}")
+            sums = arrays[counts].astype(np.int64).sum(-1)                                   # (count,)
+            want = m.params["samples"] * m.params["seq_len"]
+            if (sums != want).any():
+                out.append(f"{where}: {counts!r} sum to {int(sums.min())}..{int(sums.max())} draws in some sequence, "
+                           f"not params.samples x seq_len = {want}")
+    if out:
+        return out
     try:
         ids = decode_signal(arrays, m.params)["ids"]
         if ids.size and (ids.min() < 0 or ids.max() >= m.params["vocab_size"]):
@@ -133,6 +137,15 @@ def array_problems(m: Manifest, count: int, arrays: dict[str, np.ndarray], where
     except Exception as e:  # noqa: BLE001 - any decode failure is a problem to report, not to crash on
         out.append(f"{where}: does not decode ({type(e).__name__}: {e})")
     return out
+
+
+def ids_match(id_width: int | None, count_width: int | None, vocab_size: int) -> bool:
+    """Stored id rows hold as many ids as the count rows have slots (bit-packed: ceil(L * bits / 8) bytes)."""
+    if id_width is None or count_width is None:
+        return True
+    if ids_packed(vocab_size):
+        return id_width == -(-count_width * id_bits(vocab_size) // 8)
+    return id_width == count_width
 
 
 def _shard_problems(store: Store, rec, committed_record) -> list[str]:

@@ -90,9 +90,15 @@ def test_sample_round_trip_sums_to_one_and_pads_with_first_id(vocab):
     ids, counts = _draws(rng, n_draws=20, vocab=vocab)
     arrays = encode_signal("sample", {"ids": ids, "counts": counts}, vocab)
     assert arrays["counts"].dtype == np.uint8 and "lognorm" not in arrays
-    assert arrays["counts"].shape[-1] == (counts > 0).sum(-1).max()  # M = the shard's max unique ids
-    assert (arrays["counts"][..., 0] > 0).all() and (np.diff(arrays["counts"].astype(int), axis=-1) <= 0).all()
+    # one row per sequence, as long as the sequence with the most drawn ids; no slot is spent on padding there
+    per_sequence = (counts > 0).sum((1, 2))
+    assert arrays["counts"].shape == (3, per_sequence.max())
+    np.testing.assert_array_equal((arrays["counts"] > 0).sum(-1), per_sequence)
+    np.testing.assert_array_equal(arrays["counts"].astype(int).sum(-1), 5 * 20)  # N draws at each of 5 positions
     out = decode_signal(arrays, signal_params("sample", vocab, samples=20))
+    assert out["ids"].shape == (3, 5, (counts > 0).sum(-1).max())  # C = the shard's most unique ids at a position
+    with np.errstate(invalid="ignore"):  # -inf - -inf between unused slots
+        assert not (np.diff(out["logprobs"], axis=-1) > 0).any()  # most drawn first
     p = np.exp(out["logprobs"].astype(np.float64))
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(out["lognorm"], 0)
@@ -103,6 +109,10 @@ def test_sample_round_trip_sums_to_one_and_pads_with_first_id(vocab):
         want = {int(a): int(c) for a, c in zip(ids[i], counts[i]) if c}
         got = {int(a): round(float(q) * 20) for a, q, e in zip(out["ids"][i], p[i], empty[i]) if not e}
         assert got == want
+    damaged = {**arrays, "counts": arrays["counts"].copy()}
+    damaged["counts"][1, 0] += 1  # position boundaries come from the counts: a wrong sum is refused, not misread
+    with pytest.raises(StoreError, match="do not sum to N = 20"):
+        decode_signal(damaged, signal_params("sample", vocab, samples=20))
     with_norm = encode_signal("sample", {"ids": ids, "counts": counts, "lognorm": np.ones((3, 5))}, vocab)
     np.testing.assert_array_equal(decode_signal(with_norm, signal_params("sample", vocab, samples=20))["lognorm"], 1)
 
@@ -114,7 +124,7 @@ def test_hybrid_round_trip_exact_peaks_and_unbiased_tail_weights(encoding):
     tail_ids, tail_counts = _draws(rng, n_draws=10, exclude=sig["ids"])
     arrays = encode_signal("hybrid", {**sig, "tail_ids": tail_ids, "tail_counts": tail_counts}, 1000, encoding)
     out = decode_signal(arrays, signal_params("hybrid", 1000, encoding, k=6, samples=10))
-    m = arrays["tail_counts"].shape[-1]
+    m = (tail_counts > 0).sum(-1).max()
     assert out["ids"].shape == (3, 5, 6 + m)
     np.testing.assert_array_equal(out["ids"][..., :6], sig["ids"])
     p = np.exp(out["logprobs"].astype(np.float64))
@@ -122,9 +132,12 @@ def test_hybrid_round_trip_exact_peaks_and_unbiased_tail_weights(encoding):
     top = np.exp(out["logprobs"][..., :6].astype(np.float64)).sum(-1)
     tail_p = p[..., 6:]
     np.testing.assert_allclose(tail_p.sum(-1), 1 - top, rtol=1e-5)
-    # each tail weight is r * count / N
-    stored = arrays["tail_counts"].astype(np.float64)
-    np.testing.assert_allclose(tail_p, (1 - top)[..., None] * stored / 10, rtol=1e-5)
+    # each tail weight is r * count / N, for the same (id, count) pairs as drawn
+    for i in np.ndindex(3, 5):
+        want = {int(a): (1 - top[i]) * c / 10 for a, c in zip(tail_ids[i], tail_counts[i]) if c}
+        got = {int(a): q for a, q in zip(out["ids"][i][6:], tail_p[i]) if q > 0}
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[a] for a in want], list(want.values()), rtol=1e-5)
     unused = np.isneginf(out["logprobs"])
     assert unused.any() and (out["ids"][unused] == np.broadcast_to(out["ids"][..., :1], out["ids"].shape)[unused]).all()
 
@@ -169,7 +182,7 @@ def test_zero_size_shard_encodes_and_decodes():
         for encoding in ("float16", "int8"):
             for vocab in (1000, 100_000):
                 out = decode_signal(encode_signal(kind, sig, vocab, encoding),
-                                    signal_params(kind, vocab, encoding, k=3, samples=5))
+                                    {**signal_params(kind, vocab, encoding, k=3, samples=5), "seq_len": 4})
                 assert out["ids"].shape[:2] == (0, 4) and out["lognorm"].shape == (0, 4)
 
 

@@ -97,7 +97,7 @@ def test_verify_checks_draw_counts_and_a_missing_manifest(tmp_path):
     raw["params"]["samples"] = N + 1
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
     problems, _ = verify_store(store.path)
-    assert len(problems) == 4 and all(f"sum to {N}..{N} draws" in p for p in problems)
+    assert len(problems) == 4 and all(f"sum to {N * SEQ_LEN}..{N * SEQ_LEN} draws" in p for p in problems)
     problems, checked = verify_store(tmp_path / "nothing")
     assert checked == 0 and len(problems) == 1 and "manifest.json is missing" in problems[0]
 
