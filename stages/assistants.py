@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import KdcacheError
@@ -34,6 +33,7 @@ from stages.data import CachedKDDataset, Prefetcher
 from stages.evaluate import validation_batches, validation_sequences
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path
+from stages.progress import progress, track
 from stages.pruning import Width
 from stages.runtime import pick_device
 from stages.schedules import WarmupCosineLR
@@ -70,7 +70,8 @@ def prune_teacher(cfg: Config, tokens, out_dir: Path) -> list[dict]:
     pruning.check_prunable(teacher)
     config = teacher.config
     batches = list(calibration_batches(tokens, ac.calibration_sequences, ac.batch_size))
-    heads, neurons = pruning.importance_scores(teacher, tqdm(batches, desc="assistants: importance", unit="batch"))
+    heads, neurons = pruning.importance_scores(teacher, track(batches, len(batches), "assistants: importance",
+                                                                   unit="batch"))
     heads_n, neurons_n = pruning.normalise_per_layer(heads, neurons)
     kv_order, head_order, neuron_order = pruning.unit_orders(heads_n, neurons_n, config.num_key_value_heads)
     pruning.reorder_(teacher, kv_order, head_order, neuron_order)
@@ -122,7 +123,7 @@ def train_slimmable(cfg: Config, tokens, signals, out_dir: Path, widths: list[Wi
     lr_schedule = WarmupCosineLR(ac.lr, ac.warmup_steps, ac.steps, ac.min_lr_ratio)
     stream = Prefetcher(CachedKDDataset(tokens, signals, "train", ac.batch_size, seed=ac.seed), device,
                         depth=tc.prefetch)
-    bar = tqdm(total=ac.steps, desc="assistants: slimmable training", unit="step")
+    bar = progress(ac.steps, "assistants: slimmable training", unit="step")
     log_path = out_dir / "slimmable_log.jsonl"
     try:
         with open(log_path, "w") as log:
@@ -144,9 +145,10 @@ def train_slimmable(cfg: Config, tokens, signals, out_dir: Path, widths: list[Wi
                 optimizer.zero_grad(set_to_none=True)
                 log.write(json.dumps({"step": step + 1, "lr": lr_schedule.lr(step), "grad_norm": float(grad_norm),
                                       "kl": losses}) + "\n")
-                bar.update(1)
                 kls = list(losses.values())
-                bar.set_postfix(kl_largest=f"{kls[0]:.3f}", kl_smallest=f"{kls[min(1, len(kls) - 1)]:.3f}")
+                bar.set_postfix(kl_largest=f"{kls[0]:.3f}", kl_smallest=f"{kls[min(1, len(kls) - 1)]:.3f}",
+                                lr=f"{lr_schedule.lr(step):.1e}", refresh=False)
+                bar.update(1)
     finally:
         stream.close()
         bar.close()
@@ -165,7 +167,7 @@ def score_widths(model, layout: Width, widths: list[Width], tokens, signals, bat
     n_positions = 0
     spec = ObjectiveSpec(name="kl", tail="bucket")
     total = validation_sequences(tokens, signals, max_sequences)
-    bar = tqdm(total=total * len(widths), desc="assistants: scoring widths", unit="seq")
+    bar = progress(total * len(widths), "assistants: scoring widths", unit="seq")
     for batch, positions, labels, target in validation_batches(tokens, signals, batch_size, max_sequences, device):
         every = torch.ones_like(labels, dtype=torch.bool)
         for width, s in zip(widths, sums):

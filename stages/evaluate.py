@@ -13,12 +13,12 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import KdcacheError
 from stages.data import CachedKDDataset, to_device
 from stages.losses import ObjectiveSpec, compute_objective
+from stages.progress import progress
 from stages.runtime import pick_device
 from stages.train import loss_inputs, open_stores, output_head, student_hidden
 
@@ -49,7 +49,8 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
     model.to(device).eval()
     totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "top5_order": 0.0, "tail_mass": 0.0, "n": 0}
     seen = 0
-    bar = tqdm(total=validation_sequences(tokens, signals, max_sequences), desc=desc, unit="seq")
+    seq_len = tokens.manifest.params["seq_len"]
+    bar = progress(validation_sequences(tokens, signals, max_sequences) * seq_len, desc, unit="tok", unit_scale=True)
     for batch, positions, labels, target in validation_batches(tokens, signals, batch_size, max_sequences, device):
         seen += len(batch["input_ids"])
         hidden = student_hidden(model, batch["input_ids"], positions)                 # (N, H)
@@ -61,7 +62,7 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
         totals["top5_order"] += float(kl["top5_order_agree"])
         totals["tail_mass"] += float((1 - target.logprobs.exp().sum(-1)).clamp(min=0).sum())
         totals["n"] += int(labels.numel())
-        bar.update(len(batch["input_ids"]))
+        bar.update(batch["input_ids"].numel())
     bar.close()
     n = max(1, totals["n"])
     return {"perplexity": math.exp(totals["ce"] / n), "cross_entropy": totals["ce"] / n,

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_model
-from tqdm.auto import tqdm
 
 from pipeline.config import TEACHER_SOURCE, Config, TrainConfig
 from pipeline.errors import KdcacheError
@@ -34,6 +33,7 @@ from stages.data import CachedKDDataset, Prefetcher, signal_key
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.losses import committee as committee_loss
 from stages.models import build_student, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+from stages.progress import progress
 from stages.runtime import all_reduce_sum, autocast, init_distributed, pick_device
 from stages.schedules import TAIDSchedule, WarmupCosineLR
 from stages.signals import sparse_target
@@ -364,7 +364,7 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         dataset = CachedKDDataset(tokens, member_stores or signals, "train", tc.batch_size, seed=tc.seed, start=position,
                                   rank=rank, world=world)
         stream = Prefetcher(dataset, device, depth=tc.prefetch)
-        bar = tqdm(total=tc.max_steps, initial=step, desc=f"train ({spec.name})", unit="step", disable=rank != 0)
+        bar = progress(tc.max_steps, f"train ({spec.name})", unit="step", initial=step, disable=rank != 0)
         try:
             with open(log_path, "a") if rank == 0 else contextlib.nullcontext() as log:
                 while step < tc.max_steps:
@@ -476,9 +476,9 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
     if log is not None:
         log.write(json.dumps(record) + "\n")
         log.flush()
-    bar.update(1)
     postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{n_tokens / record['seconds']:.0f}"}
     if taid is not None:
         postfix["t"] = f"{record['taid_t']:.4f}"
-    bar.set_postfix(postfix)
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)
     return step, position
