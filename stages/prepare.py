@@ -263,8 +263,9 @@ def run(cfg: Config, overwrite: bool = False) -> Store:
             if fmt == "text":
                 bad = next(((i, r) for i, r in recs if not isinstance(r.get(pc.text_field), str)), None)
                 if bad is not None:
-                    raise KdcacheError(f"record {bad[0]} has no text field '{pc.text_field}' (fields: "
-                                       f"{sorted(k for k, v in bad[1].items() if v is not None)}): set prepare.text_field")
+                    fields = sorted(k for k, v in bad[1].items() if v is not None)
+                    raise KdcacheError(f"record {bad[0]} has no text field '{pc.text_field}' (fields: {fields}): "
+                                       "set prepare.text_field")
                 docs = [r[pc.text_field] for _, r in recs if r[pc.text_field].strip()]
                 bar.update(len(recs) - len(docs))  # blank documents: nothing to tokenise
                 ids, mask = pack_documents(docs, tokenizer, pc.seq_len, on_doc)
