@@ -34,6 +34,7 @@ from stages.evaluate import validation_batches, validation_sequences
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path
 from stages.progress import progress, track
+from stages.report import markdown_table, plot_tradeoff
 from stages.pruning import Width
 from stages.runtime import pick_device
 from stages.schedules import WarmupCosineLR
@@ -210,38 +211,6 @@ def student_non_embedding_params(cfg: Config) -> int:
     return pruning.non_embedding_params(config)
 
 
-def plot_tradeoff(table: list[dict], chosen: int, tradeoff_lambda: float, path: Path) -> None:
-    """P and P + λ·sparsity against sparsity; the chosen assistant and the size floor marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [100 * r["sparsity"] for r in table]
-    p = [r["P"] for r in table]
-    tradeoff = [r["tradeoff"] for r in table]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(x, p, "o-", color="tab:blue", label="P = top-1 agreement with the teacher")
-    ax.plot(x, tradeoff, "s-", color="tab:orange", label=f"P + λ·sparsity (λ = {tradeoff_lambda:g})")
-    ax.scatter([x[chosen]], [tradeoff[chosen]], s=180, facecolors="none", edgecolors="red", linewidths=2,
-               zorder=5, label=f"chosen: {x[chosen]:.0f}% sparse")
-    excluded = [xi for xi, r in zip(x, table) if not r["eligible"]]
-    if excluded:
-        ax.axvspan(min(excluded) - 2, max(excluded) + 2, color="grey", alpha=0.15, label="below the size floor")
-    ax.set_xlabel("sparsity of non-embedding parameters (%)")
-    ax.set_ylabel("score")
-    ax.set_title("MiniDisc: teacher-assistant candidates (one slimmable trial)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    secondary = ax.secondary_xaxis("top", functions=(lambda s: 100 - s, lambda k: 100 - k))
-    secondary.set_xlabel("assistant size (% of the teacher's non-embedding parameters)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 # ---- the stage -----------------------------------------------------------------------------------------
 
 # fields that only change the scoring and the choice: a rerun with new values reuses the trained assistant
@@ -341,11 +310,16 @@ def export_candidate(cfg: Config, target_sparsity: float, out: Path) -> Path:
     return pruning.save_model_dir(small, out, load_tokenizer(cfg.precompute.teacher))
 
 
-def render_table(table: list[dict]) -> str:
-    rows = ["| sparsity | size (% teacher) | KV groups × heads | neurons | P (top-1) | KL(teacher‖TA) | P + λ·s | |",
-            "|---|---|---|---|---|---|---|---|"]
+def table_rows(table: list[dict]) -> list[list[str]]:
+    """The candidates as table rows, the header first (the stage's printout and `kdcache report`)."""
+    rows = [["sparsity", "size (% teacher)", "KV groups × heads", "neurons", "P (top-1)", "KL(teacher‖TA)",
+             "P + λ·s", ""]]
     for r in table:
-        mark = "**chosen**" if r.get("chosen") else ("" if r.get("eligible", True) else "below floor")
-        rows.append(f"| {r['sparsity']:.1%} | {1 - r['sparsity']:.1%} | {r['kv_groups']} × {r['heads_per_group']} | "
-                    f"{r['neurons']} | {r['P']:.3f} | {r['kl_teacher']:.3f} | {r['tradeoff']:.3f} | {mark} |")
-    return "\n".join(rows)
+        mark = "chosen" if r.get("chosen") else ("" if r.get("eligible", True) else "below floor")
+        rows.append([f"{r['sparsity']:.1%}", f"{1 - r['sparsity']:.1%}", f"{r['kv_groups']} × {r['heads_per_group']}",
+                     str(r["neurons"]), f"{r['P']:.3f}", f"{r['kl_teacher']:.3f}", f"{r['tradeoff']:.3f}", mark])
+    return rows
+
+
+def render_table(table: list[dict]) -> str:
+    return markdown_table(table_rows(table))

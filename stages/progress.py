@@ -95,7 +95,7 @@ class LineProgress:
         now = time.monotonic()
         elapsed = now - self.start
         rate = (self.n - self.initial) / elapsed if elapsed > 0 and self.n > self.initial else None
-        remaining = (self.total - self.n) / rate if rate else None
+        remaining = 0.0 if self.n >= self.total else (self.total - self.n) / rate if rate else None
         parts = [f"{self._amount(self.n)}/{self._amount(self.total)} {self.unit}"
                  + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""),
                  f"{self._amount(rate, 2) if rate is not None else '?'} {self.unit}/s",
