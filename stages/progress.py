@@ -108,6 +108,6 @@ class LineProgress:
         self.last_n, self.last_time = self.n, now
 
     def _amount(self, value: float, digits: int = 0) -> str:
-        if self.unit_scale:
-            return tqdm.format_sizeof(value)
+        if self.unit_scale and value >= 1000:
+            return tqdm.format_sizeof(value)   # 12.3k, 4.56M
         return f"{value:.{digits}f}" if digits and value < 100 else f"{value:.0f}"

@@ -58,7 +58,7 @@ def test_a_slow_stage_gets_a_line_every_interval(clock, monkeypatch):
         bar.update(4)
     lines = log.getvalue().splitlines()
     assert len(lines) == 1 + 6
-    assert lines[-1] == "precompute teacher: 48.0/1.00k tok (5%), 1.60 tok/s, elapsed 00:30, ETA 09:55"
+    assert lines[-1] == "precompute teacher: 48/1.00k tok (5%), 1.60 tok/s, elapsed 00:30, ETA 09:55"
 
 
 def test_resumed_work_counts_its_rate_from_this_run(clock):
