@@ -13,7 +13,7 @@ import torch
 from pipeline.cli import main
 from pipeline.config import load_config
 from stages import evaluate, precompute, prepare, train
-from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides
+from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides, train_interrupted
 
 pytestmark = pytest.mark.integration
 
@@ -92,17 +92,7 @@ def test_interrupted_training_resumes_exactly(case, tmp_path, cached_run, tiny_t
     reference = [r["loss"] for r in _log(full)]
 
     cut = _cfg(tmp_path / "cut", cached_run, tiny_teacher, **RESUME_CASES[case])
-    real = train._train_step
-
-    def crash_at_step_5(*args, **kwargs):
-        if args[8] == 4:  # the step counter: the checkpoint of step 4 exists, step 5 is lost
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_train_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cut)
-    monkeypatch.setattr(train, "_train_step", real)
+    train_interrupted(cut, monkeypatch, after_step=4)  # the checkpoint of step 4 exists, step 5 is lost
     assert train.latest_checkpoint(cut.student_dir / "checkpoints").name == "step-00000004"
     train.run(cut)
     resumed = [r["loss"] for r in _log(cut)]
@@ -120,18 +110,8 @@ def test_tensorboard_events_equal_the_log_and_a_resume_logs_no_step_twice(tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.loss": "taid", "train.checkpoint_every": 3})
-    real = train._train_step
-
-    def crash_at_step_5(*args, **kwargs):
-        if args[8] == 4:  # steps 1-4 are logged, the checkpoint is at 3: step 4 is logged again on resume
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_train_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cfg)
-    monkeypatch.setattr(train, "_train_step", real)
-    train.run(cfg)
+    train_interrupted(cfg, monkeypatch, after_step=4)  # steps 1-4 are logged, the checkpoint is at 3
+    train.run(cfg)                                     # step 4 is logged again
     log = _log(cfg)
     events = EventAccumulator(str(cfg.student_dir / "tensorboard"))
     events.Reload()
