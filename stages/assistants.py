@@ -34,8 +34,8 @@ from stages.evaluate import validation_batches, validation_sequences
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path
 from stages.progress import progress, track
-from stages.report import markdown_table, plot_tradeoff
 from stages.pruning import Width
+from stages.report import markdown_table, plot_tradeoff
 from stages.runtime import pick_device
 from stages.schedules import WarmupCosineLR
 from stages.train import loss_inputs, open_stores

@@ -5,6 +5,8 @@ Metrics per student, over the validation loss positions:
   kl_teacher      KL(teacher || student) on the cached top-k support plus one tail bucket (a lower bound of the
                   full-vocabulary KL; the bound is tight when the top-k covers most of the teacher's mass)
   top1_agreement  fraction of positions where the student's argmax equals the teacher's top-1
+-> RUN/eval/metrics.json and report.md. A committee run (train.committee) also gets RUN/eval/committee_weights.json:
+how the trained student weighs its members, by the class of the true next token (committee_weights).
 """
 from __future__ import annotations
 
