@@ -74,7 +74,16 @@ def find(root: Path, pattern: str) -> list[Path]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a JSON-lines log; a last line cut short by a killed writer is left out."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.rstrip().endswith("}")]
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise KdcacheError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): rerun the stage that wrote it, "
+                           "or move it out of the folder") from None
 
 
 def training_logs(root: Path) -> dict[str, StudentLog]:
@@ -86,7 +95,7 @@ def training_logs(root: Path) -> dict[str, StudentLog]:
         rows = read_jsonl(path)
         if rows and "step" in rows[0] and "loss" in rows[0]:
             checkpoint = latest_checkpoint(path.parent / "checkpoints")
-            config = json.loads((checkpoint / "state.json").read_text())["config"] if checkpoint else {}
+            config = read_json(checkpoint / "state.json")["config"] if checkpoint else {}
             logs[student_label(path.parent, root)] = StudentLog(config.get("train", {}).get("loss", "?"), rows)
     return logs
 
@@ -371,7 +380,7 @@ def metrics_section(root: Path) -> Section | None:
         return None
     rows = [["run", "student", "KL(teacher‖student)", "top-1 agreement", "top-5 order agreement", "perplexity"]]
     for path in files:
-        metrics = json.loads(path.read_text())
+        metrics = read_json(path)
         run = student_label(path.parent.parent / metrics["config"].get("output", STUDENT_DIR), root)
         for name, m in metrics["students"].items():
             rows.append([run, name, f"{m['kl_teacher']:.4f}",
@@ -406,7 +415,10 @@ def bench_cache_rows(root: Path) -> list[dict]:
     """The kinds of every cache.json written by `make bench-cache` (benchmarks/cache.py) below root."""
     rows = []
     for path in find(root, "**/cache.json"):
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue  # a cache.json of some other tool
         if isinstance(data, dict) and isinstance(data.get("kinds"), list):
             rows += data["kinds"]
     return rows
@@ -445,7 +457,7 @@ def tradeoff_sections(root: Path, out_dir: Path) -> list[Section]:
     plans = find(root, "**/assistants/ta_plan.json")
     sections = []
     for i, path in enumerate(plans):
-        plan = json.loads(path.read_text())
+        plan = read_json(path)
         table = plan["table"]
         chosen = next(j for j, r in enumerate(table) if r["chosen"])
         run = _label(path.parent.parent, root)
@@ -464,7 +476,7 @@ def committee_sections(root: Path, out_dir: Path) -> list[Section]:
     files = find(root, "**/eval/committee_weights.json")
     sections = []
     for i, path in enumerate(files):
-        weights = json.loads(path.read_text())
+        weights = read_json(path)
         run = _label(path.parent.parent, root)
         name = _image_name("committee_weights", i, len(files))
         plot_committee_weights(weights, f"Committee weights by the class of the true next token: {run}",

@@ -42,3 +42,22 @@ def test_students_are_named_by_run_and_train_output(tmp_path):
     assert report.student_label(root / "comp", root) == "comp"
     assert report.student_label(root / "kl" / "student", root) == "kl"
     assert report.student_label(root / "kl" / "comp", root) == "kl/comp"
+
+
+def test_a_log_cut_by_a_kill_is_read_up_to_its_last_whole_line(tmp_path):
+    log = tmp_path / "run" / "student" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    logs = report.training_logs(tmp_path / "run")
+    assert list(logs) == ["run"] and [r["step"] for r in logs["run"].rows] == [1, 2]
+    assert logs["run"].objective == "?"                              # no checkpoint says which loss it was
+
+
+def test_a_broken_result_file_is_a_one_line_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "committee_weights.json").write_text('{"members": [')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "committee_weights.json is not valid JSON" in err
