@@ -1,11 +1,13 @@
 """Progress of the long stages: a tqdm bar on a terminal, plain lines in a log.
 
 A bar redrawn with carriage returns is unreadable in a CI log, a `make ... | tee` file or nohup.out. So when the
-stream is not a terminal, progress is written as whole lines instead: one when the work starts, then one every
-TQDM_MININTERVAL seconds (default 30) or every 10% of the work, whichever comes first, and one at the end. Each
-line has done/total, the rate, the elapsed time, the ETA and the stage's own numbers (loss, lr, TAID's t, ...):
+stream is not a terminal, progress is written as whole lines instead. Work that is over within TQDM_DELAY seconds
+(default 5) writes none: its stage's own summary line is enough, and a bad-input error stays the only line. Past
+that, a line every TQDM_MININTERVAL seconds (default 30) or every 10% of the work, whichever comes first, and one
+at the end. Each line has done/total, the rate, the elapsed time, the ETA and the stage's own numbers (loss, lr,
+TAID's t, ...):
 
-    train (taid): 30/60 step (50%), 0.52 step/s, elapsed 00:58, ETA 00:57, loss=3.120, lr=3.0e-04, t=0.4213
+    train (taid): 10/20 step (50%), 1.17 step/s, elapsed 00:08, ETA 00:08, loss=5.277, lr=2.0e-03, t=0.6700
 
 Stages call `progress(...)` and use the result as a tqdm bar: update(n), set_postfix(...), close();
 `track(...)` wraps an iterable.
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import KdcacheError
 
+LINE_DELAY = 5.0       # seconds of work before the first line in a log, unless TQDM_DELAY says otherwise
 LINE_INTERVAL = 30.0   # seconds between two lines in a log, unless TQDM_MININTERVAL says otherwise
 LINE_FRACTION = 0.1    # ... or this share of the total, whichever comes first
 
@@ -34,7 +37,7 @@ def progress(total: int, desc: str, unit: str = "it", *, initial: int = 0, unit_
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, unit_scale=unit_scale, disable=disable,
                     file=file, dynamic_ncols=True)
     return LineProgress(total, desc, unit, initial=initial, unit_scale=unit_scale, file=file,
-                        interval=line_interval())
+                        delay=_seconds("TQDM_DELAY", LINE_DELAY), interval=_seconds("TQDM_MININTERVAL", LINE_INTERVAL))
 
 
 def track(iterable, total: int, desc: str, unit: str = "it"):
@@ -48,14 +51,14 @@ def track(iterable, total: int, desc: str, unit: str = "it"):
         bar.close()
 
 
-def line_interval() -> float:
-    value = os.environ.get("TQDM_MININTERVAL")
+def _seconds(name: str, default: float) -> float:
+    value = os.environ.get(name)
     if value is None:
-        return LINE_INTERVAL
+        return default
     try:
         return float(value)
     except ValueError:
-        raise KdcacheError(f"TQDM_MININTERVAL={value!r} is not a number of seconds") from None
+        raise KdcacheError(f"{name}={value!r} is not a number of seconds") from None
 
 
 def _is_terminal(file) -> bool:
@@ -66,18 +69,23 @@ def _is_terminal(file) -> bool:
 class LineProgress:
     """The part of tqdm's interface the stages use, written as whole lines (no carriage return)."""
 
-    def __init__(self, total: int, desc: str, unit: str, *, initial: int, unit_scale: bool, file, interval: float):
+    def __init__(self, total: int, desc: str, unit: str, *, initial: int, unit_scale: bool, file, delay: float,
+                 interval: float):
         self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
-        self.file, self.interval = file, interval
+        self.file, self.delay, self.interval = file, delay, interval
         self.n = self.initial = self.last_n = initial
         self.postfix = ""
         self.start = self.last_time = time.monotonic()
-        self.closed = False
-        self._write()  # says the stage has started and how much it has to do
+        self.written = self.closed = False
+        if delay <= 0:
+            self._write()  # says the stage has started and how much it has to do
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        due = time.monotonic() - self.last_time >= self.interval
+        now = time.monotonic()
+        if now - self.start < self.delay:
+            return
+        due = not self.written or now - self.last_time >= self.interval
         if due or self.n - self.last_n >= LINE_FRACTION * self.total or self.n >= self.total:
             self._write()
 
@@ -87,7 +95,7 @@ class LineProgress:
         self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
     def close(self) -> None:
-        if not self.closed and self.n != self.last_n:
+        if self.written and not self.closed and self.n != self.last_n:  # a shown bar also shows its end
             self._write()
         self.closed = True
 
@@ -105,7 +113,7 @@ class LineProgress:
             parts.append(self.postfix)
         self.file.write(f"{self.desc}: {', '.join(parts)}\n")
         self.file.flush()
-        self.last_n, self.last_time = self.n, now
+        self.last_n, self.last_time, self.written = self.n, now, True
 
     def _amount(self, value: float, digits: int = 0) -> str:
         if self.unit_scale and value >= 1000:

@@ -34,7 +34,8 @@ def demo_run(tmp_path_factory, tiny_teacher):
     args = [sys.executable, "-m", "pipeline.cli", "run"]
     for o in tiny_overrides(run_dir, tiny_teacher):
         args += ["-s", o]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # TQDM_DELAY=0: lines from the start, though the tiny stages finish within the default 5 s
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DELAY": "0"}
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return run_dir, out.stderr
@@ -74,7 +75,8 @@ def test_every_stage_writes_plain_progress_lines_when_stderr_is_not_a_terminal(d
     assert re.search(r"precompute teacher \(4 of 4 shards to do\): .* tok/s", stderr)
 
 
-def test_taid_progress_lines_carry_t(tmp_path, demo_run, tiny_teacher, capsys):
+def test_taid_progress_lines_carry_t(tmp_path, demo_run, tiny_teacher, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DELAY", "0")
     cfg = load_config(None, tiny_overrides(_copy(tmp_path, demo_run), tiny_teacher,
                                            **{"train.loss": "taid", "train.output": "taid"}))
     train.run(cfg)

@@ -27,6 +27,7 @@ class Clock:
 def clock(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(progress_module.time, "monotonic", clock)
+    monkeypatch.setenv("TQDM_DELAY", "0")  # lines from the start (the delay has its own test)
     return clock
 
 
@@ -61,6 +62,26 @@ def test_a_slow_stage_gets_a_line_every_interval(clock, monkeypatch):
     assert lines[-1] == "precompute teacher: 48/1.00k tok (5%), 1.60 tok/s, elapsed 00:30, ETA 09:55"
 
 
+def test_work_done_within_the_delay_writes_nothing_and_longer_work_shows_its_end(clock, monkeypatch):
+    monkeypatch.delenv("TQDM_DELAY")                                 # the default: 5 s
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    log = io.StringIO()
+    quick = progress(10, "prepare: tokenising", unit="doc", file=log)
+    for _ in range(10):
+        clock.now += 0.4
+        quick.update(1)
+    quick.close()
+    assert log.getvalue() == ""                                     # 4 s: the stage's own summary line is enough
+    slow = progress(100, "evaluate (trained)", unit="tok", file=log)
+    for _ in range(95):
+        clock.now += 0.125                                          # 5 s after 40 updates
+        slow.update(1)
+    slow.close()                                                    # 95 of 100 done when it stops
+    lines = log.getvalue().splitlines()
+    assert [l.split(",")[0] for l in lines] == [f"evaluate (trained): {n}/100 tok ({n}%)"
+                                                for n in (40, 50, 60, 70, 80, 90, 95)]
+
+
 def test_resumed_work_counts_its_rate_from_this_run(clock):
     log = io.StringIO()
     bar = progress(10, "train (kl)", unit="step", initial=6, file=log)
@@ -88,7 +109,8 @@ def test_no_work_and_disabled_bars_write_nothing():
     assert log.getvalue() == ""
 
 
-def test_bad_interval_is_a_one_line_error(monkeypatch):
-    monkeypatch.setenv("TQDM_MININTERVAL", "soon")
-    with pytest.raises(KdcacheError, match="TQDM_MININTERVAL='soon' is not a number of seconds"):
+@pytest.mark.parametrize("name", ["TQDM_MININTERVAL", "TQDM_DELAY"])
+def test_bad_interval_is_a_one_line_error(monkeypatch, name):
+    monkeypatch.setenv(name, "soon")
+    with pytest.raises(KdcacheError, match=f"{name}='soon' is not a number of seconds"):
         progress(5, "train", file=io.StringIO())

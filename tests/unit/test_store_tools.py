@@ -43,7 +43,8 @@ def _store(path, kind="topk", backend="zarr", encoding="float16"):
 
 
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])
-def test_verify_passes_a_clean_store(tmp_path, backend, capsys):
+def test_verify_passes_a_clean_store(tmp_path, backend, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DELAY", "0")  # progress lines however quick the check
     _store(tmp_path / "s", "hybrid", backend)
     assert verify_store(tmp_path / "s") == ([], 4)
     assert main(["verify", str(tmp_path / "s")]) == 0
