@@ -14,7 +14,8 @@ Steps, all in one run folder runs/experiments/committee/run:
      perplexity on the ground truth, top-1 agreement with the teacher;
   5. the learned weights on the held-out split, split by the class of the true next token (whitespace /
      punctuation / digits / word = identifier-like / other) and by whether the teacher's top-1 is right, next to
-     which member actually gives the true token more probability there.
+     which member actually gives the true token more probability there (stages.evaluate.committee_weights, which
+     `kdcache evaluate` also writes for every committee run).
 Writes results.json and results.md into runs/experiments/committee/. On a crowded machine the four students can
 run as parallel processes (`--only NAME`, same budget); a final run without --only reuses their measurements.
 """
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import platform
-import string
 import time
 from pathlib import Path
 
@@ -33,11 +33,9 @@ import torch
 
 from pipeline.config import load_config
 from stages import precompute, prepare, train
-from stages.committee import TeacherUnderstanding
 from stages.data import CachedKDDataset, to_device
-from stages.evaluate import evaluate_model
+from stages.evaluate import committee_weights, evaluate_model
 from stages.losses import committee as cl
-from stages.models import load_tokenizer
 
 OUT = Path("runs/experiments/committee")
 MEMBERS = ["teacher", "comp"]
@@ -49,75 +47,6 @@ STUDENTS = [
      {"train.committee": "[teacher,comp]", "train.committee_weights": "confidence"}),
     ("teacher + comp, learned", "learned", {"train.committee": "[teacher,comp]", "train.committee_weights": "learned"}),
 ]
-TOKEN_CLASSES = ("whitespace", "punctuation", "digits", "word", "other")
-
-
-def overrides(run_dir: Path, args, **extra) -> list[str]:
-    base = {"run_dir": run_dir, "prepare.seq_len": args.seq_len, "prepare.max_train_sequences": args.train_sequences,
-            "prepare.max_validation_sequences": args.validation_sequences, "prepare.shard_sequences": 16,
-            "precompute.scheduler": "sync", "precompute.threads_per_worker": args.threads,
-            "train.student": args.student, "train.max_steps": args.steps, "train.batch_size": args.batch_size,
-            "train.warmup_steps": max(1, args.steps // 10), "train.lr": args.lr, "train.checkpoint_every": args.steps,
-            "train.keep_checkpoints": 1, "train.device": "cpu", "train.loss": "kl", "evaluate.batch_size": 8}
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def token_class(text: str) -> str:
-    core = text.strip()
-    if not core:
-        return "whitespace"
-    if all(c in string.punctuation for c in core):
-        return "punctuation"
-    if core.isdigit():
-        return "digits"
-    if core.replace("_", "a").isalnum():
-        return "word"
-    return "other"
-
-
-@torch.no_grad()
-def weight_split(cfg, student_dir: Path, tokenizer) -> dict:
-    """Mean learned alpha per member on the held-out loss positions, by token class and by teacher-top-1-right,
-    with the share of positions where comp gives the true token more probability than the teacher."""
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(student_dir / "final", dtype=torch.float32).eval()
-    module = TeacherUnderstanding(student.config.hidden_size, len(MEMBERS), cfg.train.committee_dim)
-    from safetensors.torch import load_model
-    load_model(module, str(train.latest_checkpoint(student_dir / "checkpoints") / "committee.safetensors"))
-    tokens, stores = train.open_committee(cfg, MEMBERS)
-    vocab = stores["teacher"].manifest.params["vocab_size"]
-    classes = [token_class(tokenizer.decode([i])) for i in range(len(tokenizer))]
-    groups: dict[str, dict] = {}
-
-    def add(group: str, alpha, comp_better):
-        g = groups.setdefault(group, {"positions": 0, "alpha_sum": torch.zeros(len(MEMBERS)), "comp_better": 0})
-        g["positions"] += alpha.shape[0]
-        g["alpha_sum"] += alpha.sum(0)
-        g["comp_better"] += int(comp_better.sum())
-
-    for _, batch in CachedKDDataset(tokens, stores, "validation", 8, shuffle=False, epochs=1):
-        batch = to_device(batch, torch.device("cpu"), pin=False)
-        positions, labels, targets = train.loss_inputs(batch, MEMBERS)
-        _, hidden = train.student_logits(student, batch["input_ids"], positions, return_hidden=True)
-        alpha = module(hidden).exp()                                           # (N, M)
-        label_logp = cl.label_logprobs(targets, labels, vocab)                 # (N, M)
-        comp_better = label_logp[:, 1] > label_logp[:, 0]
-        teacher_right = targets[0].ids[:, 0] == labels
-        add("all", alpha, comp_better)
-        for name in TOKEN_CLASSES:
-            sel = torch.tensor([classes[int(y)] == name for y in labels], dtype=torch.bool)
-            if bool(sel.any()):
-                add(f"class: {name}", alpha[sel], comp_better[sel])
-        add("teacher top-1 right", alpha[teacher_right], comp_better[teacher_right])
-        add("teacher top-1 wrong", alpha[~teacher_right], comp_better[~teacher_right])
-    return {k: {"positions": g["positions"],
-                **{f"alpha_{m}": float(g["alpha_sum"][i]) / max(1, g["positions"]) for i, m in enumerate(MEMBERS)},
-                "comp_better_share": g["comp_better"] / max(1, g["positions"])}
-            for k, g in groups.items()}
-
-
 @torch.no_grad()
 def member_perplexities(cfg) -> dict:
     """Perplexity of each member on the held-out ground truth, from its cached signal (true token's log-prob
@@ -183,8 +112,7 @@ def main() -> None:
         timings[f"train {row['output']}"] = row["train_seconds"]
     results["students"] = rows
     learned_cfg = load_config(None, overrides(run_dir, args, **{"train.output": "learned", **STUDENTS[-1][2]}))
-    results["learned_weight_split"] = weight_split(learned_cfg, learned_cfg.student_dir,
-                                                   load_tokenizer(learned_cfg.precompute.teacher))
+    results["learned_weight_split"] = committee_weights(learned_cfg, torch.device("cpu"), None)["groups"]
     results["budget"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results["timings_seconds"] = timings
     results["total_seconds"] = time.perf_counter() - started
@@ -249,8 +177,8 @@ def render(r: dict) -> str:
               "| positions | n | mean α teacher | mean α comp | share where comp gives the true token more probability |",
               "|---|---|---|---|---|"]
     for name, g in r["learned_weight_split"].items():
-        lines.append(f"| {name} | {g['positions']} | {g['alpha_teacher']:.3f} | {g['alpha_comp']:.3f} | "
-                     f"{g['comp_better_share']:.1%} |")
+        lines.append(f"| {name} | {g['positions']} | {g['alpha']['teacher']:.3f} | {g['alpha']['comp']:.3f} | "
+                     f"{g['best_share']['comp']:.1%} |")
     train_min = sum(row["train_seconds"] for row in r["students"]) / 60
     lines += ["", f"Students' training {train_min:.1f} min in total (median step "
               f"{sorted(row['median_step_seconds'] for row in r['students'])[len(r['students']) // 2]:.0f} s), "

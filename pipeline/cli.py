@@ -197,9 +197,10 @@ def inspect(store: str, as_json: bool):
 def verify(store: str, as_json: bool):
     """Check every shard of a store (present, committed, checksums, readable, shapes) and its manifest; list ALL
     problems, one line each. Exit code 0 when clean, 1 when there are problems."""
+    from stages.progress import track
     from storage.tools import verify_store
 
-    problems, checked = verify_store(Path(store), progress=not as_json)
+    problems, checked = verify_store(Path(store), track=None if as_json else track)
     if as_json:
         click.echo(json.dumps({"path": store, "ok": not problems, "shards_checked": checked, "problems": problems},
                               indent=1))
@@ -219,9 +220,10 @@ def verify(store: str, as_json: bool):
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at DST made from other inputs.")
 def convert(src: str, dst: str, backend: str, overwrite: bool):
     """Rewrite a store into another backend at DST, shard by shard (same arrays and fingerprint; resumable)."""
+    from stages.progress import track
     from storage.tools import convert_store
 
-    store = convert_store(Path(src), Path(dst), backend, overwrite=overwrite)
+    store = convert_store(Path(src), Path(dst), backend, overwrite=overwrite, track=track)
     click.echo(f"convert: {len(store.manifest.shards)} shards, {store.nbytes() / 1e6:.1f} MB ({backend}) -> {dst}")
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.config import Config
 from pipeline.errors import KdcacheError
@@ -34,7 +33,9 @@ from stages.data import CachedKDDataset, Prefetcher
 from stages.evaluate import validation_batches, validation_sequences
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path
+from stages.progress import progress, track
 from stages.pruning import Width
+from stages.report import markdown_table, plot_tradeoff
 from stages.runtime import pick_device
 from stages.schedules import WarmupCosineLR
 from stages.train import loss_inputs, open_stores
@@ -70,7 +71,8 @@ def prune_teacher(cfg: Config, tokens, out_dir: Path) -> list[dict]:
     pruning.check_prunable(teacher)
     config = teacher.config
     batches = list(calibration_batches(tokens, ac.calibration_sequences, ac.batch_size))
-    heads, neurons = pruning.importance_scores(teacher, tqdm(batches, desc="assistants: importance", unit="batch"))
+    heads, neurons = pruning.importance_scores(teacher, track(batches, len(batches), "assistants: importance",
+                                                                   unit="batch"))
     heads_n, neurons_n = pruning.normalise_per_layer(heads, neurons)
     kv_order, head_order, neuron_order = pruning.unit_orders(heads_n, neurons_n, config.num_key_value_heads)
     pruning.reorder_(teacher, kv_order, head_order, neuron_order)
@@ -122,7 +124,7 @@ def train_slimmable(cfg: Config, tokens, signals, out_dir: Path, widths: list[Wi
     lr_schedule = WarmupCosineLR(ac.lr, ac.warmup_steps, ac.steps, ac.min_lr_ratio)
     stream = Prefetcher(CachedKDDataset(tokens, signals, "train", ac.batch_size, seed=ac.seed), device,
                         depth=tc.prefetch)
-    bar = tqdm(total=ac.steps, desc="assistants: slimmable training", unit="step")
+    bar = progress(ac.steps, "assistants: slimmable training", unit="step")
     log_path = out_dir / "slimmable_log.jsonl"
     try:
         with open(log_path, "w") as log:
@@ -144,9 +146,10 @@ def train_slimmable(cfg: Config, tokens, signals, out_dir: Path, widths: list[Wi
                 optimizer.zero_grad(set_to_none=True)
                 log.write(json.dumps({"step": step + 1, "lr": lr_schedule.lr(step), "grad_norm": float(grad_norm),
                                       "kl": losses}) + "\n")
-                bar.update(1)
                 kls = list(losses.values())
-                bar.set_postfix(kl_largest=f"{kls[0]:.3f}", kl_smallest=f"{kls[min(1, len(kls) - 1)]:.3f}")
+                bar.set_postfix(kl_largest=f"{kls[0]:.3f}", kl_smallest=f"{kls[min(1, len(kls) - 1)]:.3f}",
+                                lr=f"{lr_schedule.lr(step):.1e}", refresh=False)
+                bar.update(1)
     finally:
         stream.close()
         bar.close()
@@ -165,7 +168,7 @@ def score_widths(model, layout: Width, widths: list[Width], tokens, signals, bat
     n_positions = 0
     spec = ObjectiveSpec(name="kl", tail="bucket")
     total = validation_sequences(tokens, signals, max_sequences)
-    bar = tqdm(total=total * len(widths), desc="assistants: scoring widths", unit="seq")
+    bar = progress(total * len(widths), "assistants: scoring widths", unit="seq")
     for batch, positions, labels, target in validation_batches(tokens, signals, batch_size, max_sequences, device):
         every = torch.ones_like(labels, dtype=torch.bool)
         for width, s in zip(widths, sums):
@@ -206,38 +209,6 @@ def student_non_embedding_params(cfg: Config) -> int:
     else:
         config = AutoConfig.from_pretrained(resolve_model_path(cfg.train.student))
     return pruning.non_embedding_params(config)
-
-
-def plot_tradeoff(table: list[dict], chosen: int, tradeoff_lambda: float, path: Path) -> None:
-    """P and P + λ·sparsity against sparsity; the chosen assistant and the size floor marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [100 * r["sparsity"] for r in table]
-    p = [r["P"] for r in table]
-    tradeoff = [r["tradeoff"] for r in table]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ax.plot(x, p, "o-", color="tab:blue", label="P = top-1 agreement with the teacher")
-    ax.plot(x, tradeoff, "s-", color="tab:orange", label=f"P + λ·sparsity (λ = {tradeoff_lambda:g})")
-    ax.scatter([x[chosen]], [tradeoff[chosen]], s=180, facecolors="none", edgecolors="red", linewidths=2,
-               zorder=5, label=f"chosen: {x[chosen]:.0f}% sparse")
-    excluded = [xi for xi, r in zip(x, table) if not r["eligible"]]
-    if excluded:
-        ax.axvspan(min(excluded) - 2, max(excluded) + 2, color="grey", alpha=0.15, label="below the size floor")
-    ax.set_xlabel("sparsity of non-embedding parameters (%)")
-    ax.set_ylabel("score")
-    ax.set_title("MiniDisc: teacher-assistant candidates (one slimmable trial)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    secondary = ax.secondary_xaxis("top", functions=(lambda s: 100 - s, lambda k: 100 - k))
-    secondary.set_xlabel("assistant size (% of the teacher's non-embedding parameters)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -339,11 +310,16 @@ def export_candidate(cfg: Config, target_sparsity: float, out: Path) -> Path:
     return pruning.save_model_dir(small, out, load_tokenizer(cfg.precompute.teacher))
 
 
-def render_table(table: list[dict]) -> str:
-    rows = ["| sparsity | size (% teacher) | KV groups × heads | neurons | P (top-1) | KL(teacher‖TA) | P + λ·s | |",
-            "|---|---|---|---|---|---|---|---|"]
+def table_rows(table: list[dict]) -> list[list[str]]:
+    """The candidates as table rows, the header first (the stage's printout and `kdcache report`)."""
+    rows = [["sparsity", "size (% teacher)", "KV groups × heads", "neurons", "P (top-1)", "KL(teacher‖TA)",
+             "P + λ·s", ""]]
     for r in table:
-        mark = "**chosen**" if r.get("chosen") else ("" if r.get("eligible", True) else "below floor")
-        rows.append(f"| {r['sparsity']:.1%} | {1 - r['sparsity']:.1%} | {r['kv_groups']} × {r['heads_per_group']} | "
-                    f"{r['neurons']} | {r['P']:.3f} | {r['kl_teacher']:.3f} | {r['tradeoff']:.3f} | {mark} |")
-    return "\n".join(rows)
+        mark = "chosen" if r.get("chosen") else ("" if r.get("eligible", True) else "below floor")
+        rows.append([f"{r['sparsity']:.1%}", f"{1 - r['sparsity']:.1%}", f"{r['kv_groups']} × {r['heads_per_group']}",
+                     str(r["neurons"]), f"{r['P']:.3f}", f"{r['kl_teacher']:.3f}", f"{r['tradeoff']:.3f}", mark])
+    return rows
+
+
+def render_table(table: list[dict]) -> str:
+    return markdown_table(table_rows(table))

@@ -12,9 +12,33 @@ the saved student.
 from __future__ import annotations
 
 import math
+import string
 
 import torch
 from torch import nn
+
+# classes of the true next token, to see which member the weights trust for what (evaluate, report, benchmark)
+TOKEN_CLASSES = ("whitespace", "punctuation", "digits", "word", "other")
+
+
+def token_class(text: str) -> str:
+    """whitespace (only spaces/newlines), punctuation (only ASCII punctuation), digits, word (letters, digits,
+    underscore: identifier-like) or other, for the decoded text of one token."""
+    core = text.strip()
+    if not core:
+        return "whitespace"
+    if all(c in string.punctuation for c in core):
+        return "punctuation"
+    if core.isdigit():
+        return "digits"
+    if core.replace("_", "a").isalnum():
+        return "word"
+    return "other"
+
+
+def token_classes(tokenizer) -> torch.Tensor:
+    """(V,) index into TOKEN_CLASSES of every token id of the tokenizer."""
+    return torch.tensor([TOKEN_CLASSES.index(token_class(tokenizer.decode([i]))) for i in range(len(tokenizer))])
 
 
 class TeacherUnderstanding(nn.Module):

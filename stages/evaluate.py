@@ -5,6 +5,8 @@ Metrics per student, over the validation loss positions:
   kl_teacher      KL(teacher || student) on the cached top-k support plus one tail bucket (a lower bound of the
                   full-vocabulary KL; the bound is tight when the top-k covers most of the teacher's mass)
   top1_agreement  fraction of positions where the student's argmax equals the teacher's top-1
+-> RUN/eval/metrics.json and report.md. A committee run (train.committee) also gets RUN/eval/committee_weights.json:
+how the trained student weighs its members, by the class of the true next token (committee_weights).
 """
 from __future__ import annotations
 
@@ -13,16 +15,22 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from safetensors.torch import load_model
 
 from pipeline.config import Config
 from pipeline.errors import KdcacheError
+from stages.committee import TOKEN_CLASSES, token_classes
 from stages.data import CachedKDDataset, to_device
 from stages.losses import ObjectiveSpec, compute_objective
+from stages.losses import committee as committee_loss
+from stages.models import load_tokenizer
+from stages.progress import progress
 from stages.runtime import pick_device
-from stages.train import loss_inputs, open_stores, output_head, student_hidden
+from stages.train import (Committee, latest_checkpoint, loss_inputs, open_committee, open_stores, output_head,
+                          student_hidden)
 
 KL_SPEC = ObjectiveSpec(name="kl", tail="bucket")
+COMMITTEE_WEIGHTS = "committee_weights.json"
 
 
 def validation_sequences(tokens, signals, max_sequences: int | None) -> int:
@@ -31,9 +39,11 @@ def validation_sequences(tokens, signals, max_sequences: int | None) -> int:
     return n if max_sequences is None else min(max_sequences, n)
 
 
-def validation_batches(tokens, signals, batch_size: int, max_sequences: int | None, device):
+def validation_batches(tokens, signals, batch_size: int, max_sequences: int | None, device,
+                       sources: list[str] | None = None):
     """The first validation sequences in store order, batched on `device`, with their loss inputs:
-    yields (batch, positions (N,), labels (N,), target SparseTarget (N, K)). Shared by evaluate and assistants."""
+    yields (batch, positions (N,), labels (N,), target SparseTarget (N, K)). Shared by evaluate and assistants.
+    With `sources` (signals a {source: store} dict of a committee) the target is the list of the members' targets."""
     dataset = CachedKDDataset(tokens, signals, "validation", batch_size, shuffle=False, epochs=1)
     total, seen = validation_sequences(tokens, signals, max_sequences), 0
     for _, batch in dataset:
@@ -41,7 +51,7 @@ def validation_batches(tokens, signals, batch_size: int, max_sequences: int | No
             break
         batch = to_device({k: v[:total - seen] for k, v in batch.items()}, device, pin=False)
         seen += len(batch["input_ids"])
-        yield (batch, *loss_inputs(batch))
+        yield (batch, *loss_inputs(batch, sources))
 
 
 @torch.no_grad()
@@ -49,7 +59,8 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
     model.to(device).eval()
     totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "top5_order": 0.0, "tail_mass": 0.0, "n": 0}
     seen = 0
-    bar = tqdm(total=validation_sequences(tokens, signals, max_sequences), desc=desc, unit="seq")
+    seq_len = tokens.manifest.params["seq_len"]
+    bar = progress(validation_sequences(tokens, signals, max_sequences) * seq_len, desc, unit="tok", unit_scale=True)
     for batch, positions, labels, target in validation_batches(tokens, signals, batch_size, max_sequences, device):
         seen += len(batch["input_ids"])
         hidden = student_hidden(model, batch["input_ids"], positions)                 # (N, H)
@@ -61,7 +72,7 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
         totals["top5_order"] += float(kl["top5_order_agree"])
         totals["tail_mass"] += float((1 - target.logprobs.exp().sum(-1)).clamp(min=0).sum())
         totals["n"] += int(labels.numel())
-        bar.update(len(batch["input_ids"]))
+        bar.update(batch["input_ids"].numel())
     bar.close()
     n = max(1, totals["n"])
     return {"perplexity": math.exp(totals["ce"] / n), "cross_entropy": totals["ce"] / n,
@@ -70,12 +81,70 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
             "positions": totals["n"], "sequences": seen}
 
 
+@torch.no_grad()
+def committee_weights(cfg: Config, device, max_sequences: int | None) -> dict | None:
+    """How the trained student of a committee run weighs its members on the held-out loss positions: the mean
+    alpha per member over all positions, by the class of the true next token (stages.committee.TOKEN_CLASSES)
+    and by whether the first member's top-1 is right, next to the share of positions where each member gives
+    the true token the most probability (which member *should* be trusted there). None, with one line saying
+    why, when a learned module has no checkpoint to load."""
+    from transformers import AutoModelForCausalLM
+
+    tc = cfg.train
+    tokens, stores = open_committee(cfg, tc.committee)
+    vocab = stores[tc.committee[0]].manifest.params["vocab_size"]
+    path = cfg.student_dir / "final"
+    student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=tc.trust_remote_code)
+    student.to(device).eval()
+    committee = Committee(tc, student.config.hidden_size, vocab, device)
+    if committee.module is not None:  # the module is not part of the saved student: it lives in the checkpoints
+        checkpoint = latest_checkpoint(cfg.student_dir / "checkpoints")
+        if checkpoint is None or not (checkpoint / "committee.safetensors").exists():
+            print(f"evaluate: no checkpoint of the committee module in {cfg.student_dir / 'checkpoints'}, so no "
+                  "committee weights by token class", flush=True)
+            return None
+        load_model(committee.module, str(checkpoint / "committee.safetensors"))
+    classes = token_classes(load_tokenizer(str(path), tc.trust_remote_code)).to(device)        # (V,)
+    first, n_members = tc.committee[0], len(tc.committee)
+    groups = ["all", *(f"class: {c}" for c in TOKEN_CLASSES), f"{first} top-1 right", f"{first} top-1 wrong"]
+    count = torch.zeros(len(groups), dtype=torch.float64)
+    alpha_sum = torch.zeros(len(groups), n_members, dtype=torch.float64)
+    best_sum = torch.zeros(len(groups), n_members, dtype=torch.float64)
+    bar = progress(validation_sequences(tokens, stores, max_sequences) * tokens.manifest.params["seq_len"],
+                   "evaluate (committee weights)", unit="tok", unit_scale=True)
+    for batch, positions, labels, targets in validation_batches(tokens, stores, cfg.evaluate.batch_size,
+                                                                max_sequences, device, tc.committee):
+        hidden = student_hidden(student, batch["input_ids"], positions)                     # (N, H)
+        alpha, _ = committee.weights(hidden, targets)                                       # (N, M)
+        label_logp = committee_loss.label_logprobs(targets, labels, vocab)                  # (N, M)
+        best = torch.nn.functional.one_hot(label_logp.argmax(-1), n_members)                 # (N, M)
+        top1 = targets[0].ids.gather(1, targets[0].logprobs.argmax(-1, keepdim=True))[:, 0]   # (N,)
+        right = top1 == labels                                                              # (N,)
+        label_class = classes[labels]                                                       # (N,)
+        member = torch.stack([torch.ones_like(right), *(label_class == c for c in range(len(TOKEN_CLASSES))),
+                              right, ~right]).double().cpu()                                # (G, N)
+        count += member.sum(1)
+        alpha_sum += member @ alpha.double().cpu()
+        best_sum += member @ best.double().cpu()
+        bar.update(batch["input_ids"].numel())
+    bar.close()
+    out = {}
+    for g, name in enumerate(groups):
+        n = float(count[g])
+        if n > 0:
+            out[name] = {"positions": int(n),
+                         "alpha": {m: float(alpha_sum[g, i]) / n for i, m in enumerate(tc.committee)},
+                         "best_share": {m: float(best_sum[g, i]) / n for i, m in enumerate(tc.committee)}}
+    return {"split": "validation", "members": list(tc.committee), "weights": tc.committee_weights, "groups": out}
+
+
 def run(cfg: Config) -> dict:
     from transformers import AutoModelForCausalLM
 
     ec = cfg.evaluate
     device = pick_device(cfg.train.device)
     tokens, signals = open_stores(cfg)
+    (cfg.eval_dir / COMMITTEE_WEIGHTS).unlink(missing_ok=True)  # a report must not show another run's weights
     results = {}
     for name in ("untrained", "trained"):
         path = cfg.student_dir / ("init" if name == "untrained" else "final")
@@ -90,13 +159,18 @@ def run(cfg: Config) -> dict:
                "cache": {"path": str(cfg.signals_dir), "signal": signals.manifest.params.get("signal", "topk"),
                          "k": signals.manifest.params["k"], "samples": signals.manifest.params.get("samples"),
                          "bytes_per_token": signals.nbytes() / _positions(signals)},
-               "config": {"student": cfg.train.student, "loss": cfg.train.loss, "tail": cfg.train.tail,
-                          "max_steps": cfg.train.max_steps, "teacher": signals.manifest.params["teacher"]}}
+               "config": {"student": cfg.train.student, "output": cfg.train.output, "loss": cfg.train.loss,
+                          "tail": cfg.train.tail, "max_steps": cfg.train.max_steps,
+                          "teacher": signals.manifest.params["teacher"]}}
     cfg.eval_dir.mkdir(parents=True, exist_ok=True)
     (cfg.eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (cfg.eval_dir / "report.md").write_text(render_report(metrics))
     print(render_table(results), flush=True)
     print(f"evaluate: wrote {cfg.eval_dir / 'metrics.json'} and {cfg.eval_dir / 'report.md'}", flush=True)
+    weights = committee_weights(cfg, device, ec.max_sequences) if cfg.train.committee else None
+    if weights is not None:
+        (cfg.eval_dir / COMMITTEE_WEIGHTS).write_text(json.dumps(weights, indent=1))
+        print(f"evaluate: committee weights by token class -> {cfg.eval_dir / COMMITTEE_WEIGHTS}", flush=True)
     return metrics
 
 

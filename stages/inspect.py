@@ -14,6 +14,14 @@ def bytes_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in (Path(path) / SHARDS_DIR).rglob("*") if p.is_file())
 
 
+def mass_covered(logprobs: np.ndarray, params: dict) -> np.ndarray | None:
+    """Teacher mass on the exact top-k of each position, logprobs (..., C) -> (...): topk, and the exact part of
+    hybrid. None for sample: a sampled estimate sums to 1 by construction."""
+    if params.get("signal", "topk") == "sample":
+        return None
+    return np.exp(logprobs[..., :params["k"]].astype(np.float64)).sum(-1)
+
+
 def describe(path: Path, max_shards: int = 8) -> dict:
     """Summary of a store. Signal statistics come from up to `max_shards` shards (spread over the store).
 
@@ -48,7 +56,7 @@ def describe(path: Path, max_shards: int = 8) -> dict:
         entropy.append(-(p * np.where(present, logprobs, 0.0)).sum(-1))
         entries.append(present.sum(-1))
         if kind != "sample":
-            covered.append(p[:, :m.params["k"]].sum(-1))
+            covered.append(mass_covered(logprobs, m.params))
     entropy_all = np.concatenate(entropy)
     if covered:
         covered_all = np.concatenate(covered)

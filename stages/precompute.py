@@ -17,11 +17,11 @@ from pathlib import Path
 
 import dask
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.config import Config, check_source_name
 from pipeline.errors import KdcacheError
 from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+from stages.progress import progress
 from stages.runtime import pick_device
 from stages.signals import concat_signals, extract_signal, shard_generator
 from storage import Manifest, Store, encode_signal
@@ -163,8 +163,8 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
     n_todo = sum(len(t) for t in todo)
     n_shards = len(tokens.manifest.layout) * len(sources)
     what = sources[0][0] if len(sources) == 1 else f"{len(sources)} sources"
-    bar = tqdm(total=total, initial=total - sum(r.count for t in todo for r in t) * seq_len, unit="tok",
-               unit_scale=True, desc=f"precompute {what} ({n_todo} of {n_shards} shards to do)", smoothing=0.1)
+    bar = progress(total, f"precompute {what} ({n_todo} of {n_shards} shards to do)", unit="tok",
+                   initial=total - sum(r.count for t in todo for r in t) * seq_len, unit_scale=True)
     try:
         if not tasks:
             pass

@@ -12,14 +12,15 @@ import codecs
 import hashlib
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline.config import Config, PrepareConfig
 from pipeline.errors import KdcacheError
 from stages.models import load_tokenizer, tokenizer_fingerprint
+from stages.progress import progress, track
 from storage import Manifest, Store, make_layout
 from storage.codecs import id_dtype
 
@@ -140,13 +141,17 @@ def to_messages(record: dict, index: int) -> list[dict]:
 
 # ---- tokenisation --------------------------------------------------------------------------------------
 
-def pack_documents(docs: list[str], tokenizer, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate documents, each followed by EOS, and cut into (n, seq_len) rows; pad the last with mask 0."""
+def pack_documents(docs: list[str], tokenizer, seq_len: int, on_doc=None) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents, each followed by EOS, and cut into (n, seq_len) rows; pad the last with mask 0.
+    `on_doc(n_tokens)` is called after each document (progress)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in docs:
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        stream.extend(ids)
         stream.append(eos)
+        if on_doc is not None:
+            on_doc(len(ids) + 1)
     n = -(-len(stream) // seq_len)
     ids = np.full((n, seq_len), pad_id(tokenizer), dtype=np.int64)
     mask = np.zeros((n, seq_len), dtype=np.uint8)
@@ -191,11 +196,14 @@ def chat_tokens(messages: list[dict], tokenizer, index: int) -> tuple[list[int],
 
 
 def tokenize_instructions(records: list[tuple[int, dict]], tokenizer, cfg: PrepareConfig,
-                          stats: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(original index, record) pairs -> (n, seq_len) ids and response-only loss masks, right-padded."""
+                          stats: dict, on_doc=None) -> tuple[np.ndarray, np.ndarray]:
+    """(original index, record) pairs -> (n, seq_len) ids and response-only loss masks, right-padded.
+    `on_doc(n_tokens)` is called after each record (progress)."""
     rows_ids, rows_mask = [], []
     for index, record in records:
         ids, mask = chat_tokens(to_messages(record, index), tokenizer, index)
+        if on_doc is not None:
+            on_doc(len(ids))
         if len(ids) > cfg.seq_len:
             if cfg.truncation == "drop":
                 stats["dropped_too_long"] += 1
@@ -241,23 +249,37 @@ def run(cfg: Config, overwrite: bool = False) -> Store:
 
     stats = {"records": len(records), "truncated": 0, "dropped_too_long": 0, "dropped_no_response": 0}
     arrays = {}
-    for split, recs in split_records.items():
-        if fmt == "text":
-            bad = next(((i, r) for i, r in recs if not isinstance(r.get(pc.text_field), str)), None)
-            if bad is not None:
-                raise KdcacheError(f"record {bad[0]} has no text field '{pc.text_field}' (fields: "
-                                   f"{sorted(k for k, v in bad[1].items() if v is not None)}): set prepare.text_field")
-            docs = [r[pc.text_field] for _, r in recs if r[pc.text_field].strip()]
-            ids, mask = pack_documents(docs, tokenizer, pc.seq_len)
-        else:
-            ids, mask = tokenize_instructions(recs, tokenizer, pc, stats)
-        limit = pc.max_train_sequences if split == "train" else pc.max_validation_sequences
-        if limit is not None:
-            ids, mask = ids[:limit], mask[:limit]
-        if len(ids) == 0:
-            raise KdcacheError(f"the {split} split is empty after tokenisation ({stats}): "
-                               "use more data, a larger seq_len or prepare.truncation=right")
-        arrays[split] = (ids, mask)
+    bar = progress(len(records), "prepare: tokenising", unit="doc")
+    started, tokenised = time.perf_counter(), [0]
+
+    def on_doc(n_tokens: int) -> None:
+        tokenised[0] += n_tokens
+        bar.set_postfix(tokens=tokenised[0], tok_s=f"{tokenised[0] / (time.perf_counter() - started):.0f}",
+                        refresh=False)
+        bar.update(1)
+
+    try:
+        for split, recs in split_records.items():
+            if fmt == "text":
+                bad = next(((i, r) for i, r in recs if not isinstance(r.get(pc.text_field), str)), None)
+                if bad is not None:
+                    fields = sorted(k for k, v in bad[1].items() if v is not None)
+                    raise KdcacheError(f"record {bad[0]} has no text field '{pc.text_field}' (fields: {fields}): "
+                                       "set prepare.text_field")
+                docs = [r[pc.text_field] for _, r in recs if r[pc.text_field].strip()]
+                bar.update(len(recs) - len(docs))  # blank documents: nothing to tokenise
+                ids, mask = pack_documents(docs, tokenizer, pc.seq_len, on_doc)
+            else:
+                ids, mask = tokenize_instructions(recs, tokenizer, pc, stats, on_doc)
+            limit = pc.max_train_sequences if split == "train" else pc.max_validation_sequences
+            if limit is not None:
+                ids, mask = ids[:limit], mask[:limit]
+            if len(ids) == 0:
+                raise KdcacheError(f"the {split} split is empty after tokenisation ({stats}): "
+                                   "use more data, a larger seq_len or prepare.truncation=right")
+            arrays[split] = (ids, mask)
+    finally:
+        bar.close()
 
     vocab_size = len(tokenizer)
     manifest = Manifest(
@@ -278,7 +300,7 @@ def run(cfg: Config, overwrite: bool = False) -> Store:
         done = store.committed()
         todo = [r for r in manifest.layout if r.name not in done]
         dtype = id_dtype(vocab_size)
-        for rec in tqdm(todo, desc="prepare: writing shards", unit="shard", disable=not todo):
+        for rec in track(todo, len(todo), "prepare: writing shards", unit="shard"):
             ids, mask = arrays[rec.split]
             store.write_shard(rec.name, {"input_ids": ids[rec.start:rec.start + rec.count].astype(dtype),
                                          "loss_mask": mask[rec.start:rec.start + rec.count]})

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_model
-from tqdm.auto import tqdm
 
 from pipeline.config import TEACHER_SOURCE, Config, TrainConfig
 from pipeline.errors import KdcacheError
@@ -34,12 +33,14 @@ from stages.data import CachedKDDataset, Prefetcher, signal_key
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.losses import committee as committee_loss
 from stages.models import build_student, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+from stages.progress import progress
 from stages.runtime import all_reduce_sum, autocast, init_distributed, pick_device
 from stages.schedules import TAIDSchedule, WarmupCosineLR
 from stages.signals import sparse_target
 from storage import Store
 
 CHECKPOINT_PREFIX = "step-"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def objective_spec(tc: TrainConfig) -> ObjectiveSpec:
@@ -224,6 +225,25 @@ def save_student(student, out: Path, tokenizer_spec: str, trust_remote_code: boo
     os.rename(tmp, out)
 
 
+def _start_over(out_dir: Path) -> None:
+    """Forget a previous trajectory: its checkpoints, its log and its TensorBoard events."""
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+
+
+def tensorboard_writer(path: Path, purge_step: int):
+    """A SummaryWriter into `path` (events at steps >= purge_step from an earlier, interrupted run are hidden),
+    or None with one info line when the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("train: tensorboard is not installed, so per-step metrics go to metrics.jsonl only "
+              "(pip install tensorboard for TensorBoard event files)", flush=True)
+        return None
+    return SummaryWriter(str(path), purge_step=purge_step)
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the log has each step once. Rewritten
     aside and renamed, so a kill during the rewrite cannot lose the lines that are kept."""
@@ -305,8 +325,7 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         if not (out_dir / "init" / "config.json").exists():  # the untrained student, evaluate's baseline
             save_student(student, out_dir / "init", teacher_spec, cfg.precompute.trust_remote_code)
         if not resume:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            log_path.unlink(missing_ok=True)
+            _start_over(out_dir)
     if world > 1:
         dist.barrier()  # rank 0 has cleared old checkpoints before anyone looks for one
     student.to(device).train()
@@ -345,8 +364,7 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         if rank == 0:
             print(f"train: the checkpoints in {ckpt_dir} were made from other inputs ({stale}): starting over",
                   flush=True)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            log_path.unlink(missing_ok=True)
+            _start_over(out_dir)
         checkpoint = None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer, committee)
@@ -364,13 +382,17 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         dataset = CachedKDDataset(tokens, member_stores or signals, "train", tc.batch_size, seed=tc.seed, start=position,
                                   rank=rank, world=world)
         stream = Prefetcher(dataset, device, depth=tc.prefetch)
-        bar = tqdm(total=tc.max_steps, initial=step, desc=f"train ({spec.name})", unit="step", disable=rank != 0)
+        bar = progress(tc.max_steps, f"train ({spec.name})", unit="step", initial=step, disable=rank != 0)
+        # events past the resume point were logged again above the checkpoint: purge_step hides the old ones
+        board = tensorboard_writer(out_dir / TENSORBOARD_DIR, purge_step=step + 1) if rank == 0 else None
         try:
             with open(log_path, "a") if rank == 0 else contextlib.nullcontext() as log:
                 while step < tc.max_steps:
                     step, position = _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
-                                                 step, log, bar, committee=committee)
+                                                 step, log, bar, committee=committee, board=board)
                     if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                        if board is not None:  # a killed run keeps every event up to its last checkpoint
+                            board.flush()
                         positions = _gather_positions(position, world)
                         if rank == 0:
                             state = {"step": step, "position": positions[0], "positions": positions,
@@ -382,6 +404,8 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
         finally:
             stream.close()
             bar.close()
+            if board is not None:
+                board.close()
     if rank == 0:
         save_student(student.cpu(), out_dir / "final", teacher_spec, cfg.precompute.trust_remote_code)
         print(f"train: student saved to {out_dir / 'final'}", flush=True)
@@ -412,9 +436,10 @@ def _all_reduce_grads(student) -> None:
         grad.copy_(summed)
 
 
-def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid, step, log, bar, committee=None):
+def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid, step, log, bar, committee=None,
+                board=None):
     """One optimiser step over grad_accum micro-batches, normalised once by the step's (global) loss-token count.
-    `log` is None on ranks other than 0."""
+    `log` (the JSONL file) and `board` (a TensorBoard writer, or None) are None on ranks other than 0."""
     start = time.perf_counter()
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     micro = [next(stream) for _ in range(tc.grad_accum)]
@@ -476,9 +501,13 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
     if log is not None:
         log.write(json.dumps(record) + "\n")
         log.flush()
-    bar.update(1)
+    if board is not None:  # the same numbers as the JSONL line, one scalar per key
+        for key, value in record.items():
+            if key != "step":
+                board.add_scalar(key, value, step)
     postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{lr:.1e}", "tok_s": f"{n_tokens / record['seconds']:.0f}"}
     if taid is not None:
         postfix["t"] = f"{record['taid_t']:.4f}"
-    bar.set_postfix(postfix)
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)
     return step, position

@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from storage.codecs import (KINDS, MAX_SAMPLES, ROWS, VALUE_ENCODINGS, decode_signal, id_bits, id_dtype,
                             ids_packed, stored_arrays)
@@ -192,8 +191,10 @@ def _shard_problems(store: Store, rec, committed_record) -> list[str]:
     return out + array_problems(store.manifest, rec.count, arrays, where)
 
 
-def verify_store(path: str | Path, progress: bool = False) -> tuple[list[str], int]:
-    """All problems of a store (one line each, naming the file and the problem) and how many shards were checked."""
+def verify_store(path: str | Path, track=None) -> tuple[list[str], int]:
+    """All problems of a store (one line each, naming the file and the problem) and how many shards were checked.
+    `track(iterable, total, desc, unit)`, e.g. stages.progress.track, shows progress over the shards (storage
+    itself shows none)."""
     path = Path(path)
     try:
         manifest = read_manifest(path)
@@ -208,7 +209,8 @@ def verify_store(path: str | Path, progress: bool = False) -> tuple[list[str], i
     store = Store(path, manifest)
     committed = {s.name: s for s in manifest.shards}
     checked = 0
-    for rec in tqdm(manifest.layout, desc="verify", unit="shard", disable=not progress):
+    shards = manifest.layout if track is None else track(manifest.layout, len(manifest.layout), "verify", "shard")
+    for rec in shards:
         try:
             problems += _shard_problems(store, rec, committed.get(rec.name))
         except StoreError as e:
@@ -232,9 +234,9 @@ def verify_store(path: str | Path, progress: bool = False) -> tuple[list[str], i
 
 # ---- convert ---------------------------------------------------------------------------------------------------
 
-def convert_store(src: str | Path, dst: str | Path, backend: str, overwrite: bool = False) -> Store:
+def convert_store(src: str | Path, dst: str | Path, backend: str, overwrite: bool = False, track=None) -> Store:
     """Rewrite a complete store shard by shard into `backend` at `dst` (same arrays, new files and checksums, same
-    fingerprint). Resumable: shards already converted are skipped."""
+    fingerprint). Resumable: shards already converted are skipped. `track` as in verify_store."""
     src, dst = Path(src), Path(dst)
     if backend not in BACKENDS:
         raise StoreError(f"unknown storage backend {backend!r}: use one of {', '.join(sorted(BACKENDS))}")
@@ -246,7 +248,7 @@ def convert_store(src: str | Path, dst: str | Path, backend: str, overwrite: boo
     done = target.committed()
     todo = [r for r in source.manifest.shards if r.name not in done]
     try:
-        for rec in tqdm(todo, desc=f"convert to {backend}", unit="shard", disable=not todo):
+        for rec in todo if track is None else track(todo, len(todo), f"convert to {backend}", "shard"):
             written = target.write_shard(rec.name, source.read_shard(rec.name))
             if rec.content and written.content != rec.content:
                 raise StoreError(f"shard {rec.name} converted to different arrays ({written.content[:19]} vs "

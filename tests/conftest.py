@@ -88,3 +88,21 @@ def tiny_overrides(run_dir: Path, teacher: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def train_interrupted(cfg, monkeypatch, after_step: int) -> None:
+    """Run train on `cfg` and interrupt it (KeyboardInterrupt, as Ctrl-C) just before step after_step + 1; the
+    stage is then ready to be run again, to resume."""
+    from stages import train
+
+    real = train._train_step
+
+    def interrupt(*args, **kwargs):
+        if args[8] == after_step:  # the step counter
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg)
+    monkeypatch.setattr(train, "_train_step", real)

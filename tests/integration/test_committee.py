@@ -17,7 +17,7 @@ from pipeline.freshness import stage_inputs
 from stages import evaluate, precompute, prepare, train
 from stages.data import CachedKDDataset, signal_key
 from storage import Store
-from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides
+from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides, train_interrupted
 
 pytestmark = pytest.mark.integration
 
@@ -170,17 +170,7 @@ def test_learned_committee_resumes_exactly(tmp_path, committee_run, tiny_teacher
     full = _copy(tmp_path / "full", committee_run, tiny_teacher, **extra)
     train.run(full)
     cut = _copy(tmp_path / "cut", committee_run, tiny_teacher, **extra)
-    real = train._train_step
-
-    def crash_at_step_5(*args, **kwargs):
-        if args[8] == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_train_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cut)
-    monkeypatch.setattr(train, "_train_step", real)
+    train_interrupted(cut, monkeypatch, after_step=4)
     train.run(cut)
     a, b = _log(full.student_dir), _log(cut.student_dir)
     for key in ("loss", "alpha_teacher", "committee_nll"):

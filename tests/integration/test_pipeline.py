@@ -13,7 +13,7 @@ import torch
 from pipeline.cli import main
 from pipeline.config import load_config
 from stages import evaluate, precompute, prepare, train
-from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides
+from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides, train_interrupted
 
 pytestmark = pytest.mark.integration
 
@@ -92,17 +92,7 @@ def test_interrupted_training_resumes_exactly(case, tmp_path, cached_run, tiny_t
     reference = [r["loss"] for r in _log(full)]
 
     cut = _cfg(tmp_path / "cut", cached_run, tiny_teacher, **RESUME_CASES[case])
-    real = train._train_step
-
-    def crash_at_step_5(*args, **kwargs):
-        if args[8] == 4:  # the step counter: the checkpoint of step 4 exists, step 5 is lost
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_train_step", crash_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cut)
-    monkeypatch.setattr(train, "_train_step", real)
+    train_interrupted(cut, monkeypatch, after_step=4)  # the checkpoint of step 4 exists, step 5 is lost
     assert train.latest_checkpoint(cut.student_dir / "checkpoints").name == "step-00000004"
     train.run(cut)
     resumed = [r["loss"] for r in _log(cut)]
@@ -113,6 +103,34 @@ def test_interrupted_training_resumes_exactly(case, tmp_path, cached_run, tiny_t
         assert t_cut == pytest.approx(t_full, rel=1e-9, abs=1e-12)
         linear = [train.taid_schedule(full.train).linear(step) for step in range(6)]
         assert t_full[2] > linear[2] + 0.01 and all(b >= a for a, b in zip(t_full, t_full[1:]))
+
+
+def test_tensorboard_events_equal_the_log_and_a_resume_logs_no_step_twice(tmp_path, cached_run, tiny_teacher,
+                                                                           monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.loss": "taid", "train.checkpoint_every": 3})
+    train_interrupted(cfg, monkeypatch, after_step=4)  # steps 1-4 are logged, the checkpoint is at 3
+    train.run(cfg)                                     # step 4 is logged again
+    log = _log(cfg)
+    events = EventAccumulator(str(cfg.student_dir / "tensorboard"))
+    events.Reload()
+    keys = set(log[0]) - {"step"}
+    assert {"loss", "lr", "grad_norm", "taid_t"} <= keys and set(events.Tags()["scalars"]) == keys
+    for key in keys:
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [r["step"] for r in log] == [1, 2, 3, 4, 5, 6], key
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in log], rel=1e-6), key
+
+
+def test_without_tensorboard_training_says_so_once_and_writes_no_events(tmp_path, cached_run, tiny_teacher,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as when it is not installed
+    cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.max_steps": 2})
+    train.run(cfg)
+    out = capsys.readouterr().out
+    assert out.count("tensorboard is not installed") == 1
+    assert not (cfg.student_dir / "tensorboard").exists() and len(_log(cfg)) == 2
 
 
 def test_training_log_carries_loss_parts_taid_t_and_agreements(tmp_path, cached_run, tiny_teacher):

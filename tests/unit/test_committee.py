@@ -173,3 +173,12 @@ def test_bad_committee_config_is_a_one_line_error(override, message):
 
     with pytest.raises(KdcacheError, match="invalid config: .*" + message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("text, expected", [(" \n", "whitespace"), ("", "whitespace"), (" ),", "punctuation"),
+                                            ("42", "digits"), (" self_x2", "word"), ("é", "word"), ("->x", "other"),
+                                            ("«", "other")])
+def test_token_class_of_the_decoded_text(text, expected):
+    from stages.committee import token_class
+
+    assert token_class(text) == expected

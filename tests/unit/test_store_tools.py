@@ -43,11 +43,15 @@ def _store(path, kind="topk", backend="zarr", encoding="float16"):
 
 
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])
-def test_verify_passes_a_clean_store(tmp_path, backend, capsys):
+def test_verify_passes_a_clean_store(tmp_path, backend, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DELAY", "0")  # progress lines however quick the check
     _store(tmp_path / "s", "hybrid", backend)
     assert verify_store(tmp_path / "s") == ([], 4)
     assert main(["verify", str(tmp_path / "s")]) == 0
-    assert "4 shards checked, ok" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "4 shards checked, ok" in out.out
+    # progress through the stages' helper: whole lines in a log (capsys's stderr is not a terminal)
+    assert "verify: 4/4 shard (100%)" in out.err and "\r" not in out.err
 
 
 @pytest.mark.parametrize("backend", ["zarr", "arrow"])

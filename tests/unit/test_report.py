@@ -1,0 +1,63 @@
+"""Report helpers that decide what a reader sees: point names that stay readable, students named by train.output."""
+import numpy as np
+from matplotlib.text import Text
+
+from stages import report
+
+
+def test_point_names_overlap_neither_each_other_nor_other_points():
+    plt = report._pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3), layout="constrained")
+    # pairs that differ only by value encoding sit almost on top of each other, as in make bench-cache
+    xy = [(28.6, 0.735), (30.0, 0.736), (44.1, 0.655), (45.4, 0.655), (49.6, 0.800), (56.1, 0.800), (30.4, 0.176),
+          (30.4, 0.176)]
+    labels = ["topk-8 int8", "topk-8", "hybrid 4+16", "hybrid 4+16 int8", "topk-16 int8", "topk-16", "signals/a",
+              "signals/b"]
+    ax.scatter(*zip(*xy))
+    ax.set_xscale("log")
+    ax.margins(x=0.3, y=0.25)
+    fig.canvas.draw()
+    report._label_points(ax, xy, labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = {t.get_text(): t for t in ax.texts}
+    assert sorted(texts) == sorted(labels)
+    boxes = {name: Text.get_window_extent(t, renderer) for name, t in texts.items()}  # names, not leader lines
+    names = list(boxes)
+    for i, a in enumerate(names):
+        assert ax.get_window_extent(renderer).contains(boxes[a].x0, boxes[a].y0)
+        for b in names[i + 1:]:
+            assert not boxes[a].overlaps(boxes[b]), (a, b)
+    dots = ax.transData.transform(np.array(xy))                                   # (n, 2) pixels
+    for i, name in enumerate(labels):
+        for j in range(len(xy)):  # no name sits on another point
+            if tuple(dots[j]) != tuple(dots[i]):
+                assert not boxes[name].contains(*dots[j]), (name, labels[j])
+    plt.close(fig)
+
+
+def test_students_are_named_by_run_and_train_output(tmp_path):
+    root = tmp_path / "experiment"
+    assert report.student_label(root / "student", root) == "experiment"
+    assert report.student_label(root / "comp", root) == "comp"
+    assert report.student_label(root / "kl" / "student", root) == "kl"
+    assert report.student_label(root / "kl" / "comp", root) == "kl/comp"
+
+
+def test_a_log_cut_by_a_kill_is_read_up_to_its_last_whole_line(tmp_path):
+    log = tmp_path / "run" / "student" / "metrics.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    logs = report.training_logs(tmp_path / "run")
+    assert list(logs) == ["run"] and [r["step"] for r in logs["run"].rows] == [1, 2]
+    assert logs["run"].objective == "?"                              # no checkpoint says which loss it was
+
+
+def test_a_broken_result_file_is_a_one_line_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "committee_weights.json").write_text('{"members": [')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "committee_weights.json is not valid JSON" in err
