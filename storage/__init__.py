@@ -24,7 +24,7 @@ import numpy as np
 from storage.codecs import decode_signal, decode_topk, encode_signal, encode_topk
 from storage.errors import StoreError
 from storage.manifest import Manifest, ShardRecord
-from storage.store import Store, files_signature, make_layout
+from storage.store import Store, files_unchanged, make_layout
 
 __all__ = ["Manifest", "ShardRecord", "Store", "StoreError", "decode_signal", "decode_topk", "encode_signal",
            "encode_topk", "make_layout", "open_store", "read_sequence", "read_shard"]
@@ -53,9 +53,9 @@ def read_sequence(store: Store, split: str, index: int) -> dict[str, np.ndarray]
     if shard is None:
         n = sum(s.count for s in store.manifest.splits().get(split, []))
         raise StoreError(f"{store.path} has no sequence {index} in split {split!r} ({n} sequences)")
-    signature = files_signature(store.shard_dir(shard.name))  # before the read: a change after it misses the cache
     cached = store.last_read
-    if cached is None or cached[:2] != (shard.name, signature):
-        cached = store.last_read = (shard.name, signature, read_shard(store, shard.name))
-    # copies: the caller may write to what it gets, the cached shard must stay as read
+    if cached is None or cached[0] != shard.name or not files_unchanged(store.shard_dir(shard.name), cached[1]):
+        arrays = read_shard(store, shard.name)
+        cached = store.last_read = (shard.name, store.verified_signature(shard.name), arrays)
+    # copies: the caller may write to what it gets, the kept shard must stay as read
     return {name: a[index - shard.start].copy() for name, a in cached[2].items()}

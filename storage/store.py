@@ -73,9 +73,14 @@ def read_files(shard_dir: Path) -> tuple[tuple, dict[str, bytes]]:
     return tuple(signature), files
 
 
-def files_signature(shard_dir: Path) -> tuple:
-    """The signature `read_files` would return, from the files' metadata alone (nothing read)."""
-    return tuple(_signature(rel, os.stat(path)) for rel, path in _data_files(shard_dir))
+def files_unchanged(shard_dir: Path, signature: tuple) -> bool:
+    """True while every file of a `read_files` signature still has its size, mtime, ctime and inode (only those
+    files are looked at: a cheap check, nothing is listed or read)."""
+    root = str(shard_dir)
+    try:
+        return all(_signature(entry[0], os.stat(os.path.join(root, entry[0]))) == entry for entry in signature)
+    except OSError:  # a file is gone
+        return False
 
 
 def _checksum(files: dict[str, bytes]) -> tuple[str, int]:
@@ -139,7 +144,7 @@ class Store:
         # shard name -> (files signature, checksum) of its last verified read: a shard is hashed once per open
         # store, and again whenever a file of it changes (see read_files)
         self._verified: dict[str, tuple[tuple, str]] = {}
-        self.last_read = None  # (shard name, files signature, decoded arrays) kept by storage.read_sequence
+        self.last_read = None  # (shard name, files signature, decoded arrays): storage.read_sequence's last shard
 
     def close(self) -> None:
         """Give up the writer lock (a no-op for stores opened for reading)."""
@@ -315,6 +320,11 @@ class Store:
             return self.backend.decode(files, names)
         except Exception as e:  # a backend error on a verified shard means a damaged or foreign file
             raise StoreError(f"shard {shard} cannot be read ({type(e).__name__}: {e}): delete it and rerun") from e
+
+    def verified_signature(self, name: str) -> tuple | None:
+        """The files signature of the last verified read of shard `name` through this store (None if none)."""
+        verified = self._verified.get(name)
+        return verified[0] if verified else None
 
     def refresh_manifest(self) -> Manifest:
         """Rewrite the manifest from the shards on disk; drop leftovers of killed writers."""
