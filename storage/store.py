@@ -243,10 +243,11 @@ class Store:
     def _data_path(self, shard_dir: Path) -> Path:
         return shard_dir / self.backend.NAME
 
-    def committed(self) -> dict[str, ShardRecord]:
-        """Shards that are on disk under their final name, from their commit records."""
+    def committed(self, names: list[str] | None = None) -> dict[str, ShardRecord]:
+        """Shards that are on disk under their final name, from their commit records (of `names` only if given:
+        a task asking about its own shard reads one record, not the whole store's)."""
         out, identity = {}, self.manifest.identity()
-        for rec in self.manifest.layout:
+        for rec in self.manifest.layout if names is None else [r for r in self.manifest.layout if r.name in names]:
             commit = self.shard_dir(rec.name) / COMMIT_NAME
             if commit.exists():
                 info = _read_commit(commit)

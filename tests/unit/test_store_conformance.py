@@ -63,6 +63,7 @@ def test_resume_skips_committed_shards(tmp_path, backend):
     before = _files(tmp_path / "s")
     again = Store.create(tmp_path / "s", _manifest(backend))
     assert set(again.committed()) == {"train-00000", "validation-00000"}
+    assert set(again.committed(["train-00000", "train-00001"])) == {"train-00000"}  # only the shards asked about
     again.write_shard("train-00001", _arrays(again.manifest.layout[1]))
     assert again.refresh_manifest().complete
     after = _files(tmp_path / "s")
