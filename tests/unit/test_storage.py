@@ -203,3 +203,21 @@ def test_manifest_finds_shards_by_name_and_sequence():
     assert [manifest.find("train", i).name for i in (0, 3, 4, 7)] == ["train-00000"] * 2 + ["train-00001"] * 2
     assert manifest.find("train", 8) is None and manifest.find("train", -1) is None  # 8: not committed
     assert manifest.find("validation", 2) == layout[3] and manifest.find("test", 0) is None
+
+
+def test_shard_checksum_walks_files_in_path_order(tmp_path):
+    """Commit records hold checksums over the files in sorted-Path order; the reader's listing must keep that order
+    (a string sort differs: 'ids/x' < 'ids-x' as Paths, not as strings), or every existing store reads as corrupted."""
+    import hashlib
+    from pathlib import Path
+
+    from storage.store import COMMIT_NAME, shard_checksum
+
+    for rel in ["ids-x/a", "ids/c/0", "ids/zarr.json", "ids_x/a", "a.b", "a/b", "Z", COMMIT_NAME]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode() * 3)
+    digest = hashlib.sha256()
+    for p in sorted(p for p in Path(tmp_path).rglob("*") if p.is_file() and p.name != COMMIT_NAME):
+        data = p.read_bytes()
+        digest.update(p.relative_to(tmp_path).as_posix().encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    assert shard_checksum(tmp_path)[0] == "sha256:" + digest.hexdigest()
