@@ -11,8 +11,9 @@
      (peak RSS from two child processes that run the same steps, one of them with the teacher loaded)
   5. precompute with 2 dask workers / 1 worker, one torch thread each, warm workers: scaling efficiency
 
-Every figure alternates the two sides it compares (A B A B ...) and reports the median of the per-repetition
-ratios, so load from other processes on a shared machine hits both sides alike. Writes OUT/perf.json and
+Every figure alternates the two sides it compares (A B A B ...; precompute's long passes A B, B A, ...) and
+reports the median of the per-repetition ratios, so load from other processes on a shared machine hits both sides
+alike. Writes OUT/perf.json and
 OUT/perf.md and prints the table.
 
     python -m benchmarks.perf [--out runs/bench] [--reps 3] [--threads 1] [--only precompute,reader]
@@ -106,9 +107,13 @@ def bench_precompute(cfg, reps: int, threads: int) -> dict:
 
     bare()  # warm-up (first-call allocations)
     rows = []
-    for _ in range(reps):
-        b = bare()
-        wall, tasks = full_run()
+    for rep in range(reps):  # A B, B A, A B ...: a load that rises or falls during the bench favours neither side
+        if rep % 2 == 0:
+            b = bare()
+            wall, tasks = full_run()
+        else:
+            wall, tasks = full_run()
+            b = bare()
         rows.append((b, wall, tasks))
     return {"tokens": n_tokens, "shards": len(tokens.manifest.layout), "shard_sequences": cfg.prepare.shard_sequences,
             "seq_len": tokens.manifest.params["seq_len"],
