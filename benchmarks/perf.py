@@ -13,8 +13,7 @@
 
 Every figure alternates the two sides it compares (A B A B ...; precompute's long passes A B, B A, ...) and
 reports the median of the per-repetition ratios, so load from other processes on a shared machine hits both sides
-alike. Writes OUT/perf.json and
-OUT/perf.md and prints the table.
+alike. Writes OUT/perf.json and OUT/perf.md and prints the table.
 
     python -m benchmarks.perf [--out runs/bench] [--reps 3] [--threads 1] [--only precompute,reader]
 """
