@@ -141,7 +141,7 @@ def model_tokenizer_fingerprint(spec: str, trust_remote_code: bool = False) -> s
         return compute()
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
     key = json.dumps([version("transformers"), version("tokenizers"), trust_remote_code, files])
-    return _cached(f"tokenizer:{path.resolve()}", key, compute)
+    return _cached(f"tokenizer:{path.resolve()}", key, compute, field="tokenizer")
 
 
 def _file_sha256(path: Path) -> str:
@@ -154,23 +154,24 @@ def _file_sha256(path: Path) -> str:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
         return digest.hexdigest()
-    return _cached(str(path.resolve()), f"{st.st_size}:{st.st_mtime_ns}", compute)
+    return _cached(str(path.resolve()), f"{st.st_size}:{st.st_mtime_ns}", compute, field="sha256")
 
 
-def _cached(name: str, key: str, compute) -> str:
-    """compute(), remembered in KDCACHE_HOME/hashes/ under `name` while `key` is unchanged. Written aside and
-    renamed, so a process killed while writing leaves no half file for the next one to trust."""
+def _cached(name: str, key: str, compute, field: str) -> str:
+    """compute(), remembered in KDCACHE_HOME/hashes/ under `name` while `key` is unchanged, as {"key", field}.
+    Weight hashes keep the field "sha256": other kdcache versions share the folder and read that. Written aside
+    and renamed, so a process killed while writing leaves no half file for the next one to trust."""
     cache = kdcache_home() / "hashes" / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".json")
     try:
         data = json.loads(cache.read_text())
-        if data.get("key") == key and isinstance(data.get("value"), str):
-            return data["value"]
+        if data.get("key") == key and isinstance(data.get(field), str):
+            return data[field]
     except (OSError, ValueError):
         pass
     value = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}))
+    tmp.write_text(json.dumps({"key": key, field: value}))
     os.replace(tmp, cache)
     return value
 

@@ -95,3 +95,15 @@ def test_tokenizer_fingerprint_of_a_model_folder_is_cached_until_its_files_chang
     os.utime(folder / "tokenizer.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1))    # whatever the mtime resolution
     assert model_tokenizer_fingerprint(str(folder)) == tokenizer_fingerprint(build_tokenizer(vocab_size=300))
     assert loads == [1]
+
+
+def test_weight_hash_cache_keeps_the_format_other_kdcache_versions_read(tiny_teacher):
+    """KDCACHE_HOME/hashes is shared by every kdcache version on a machine; older ones read {"key", "sha256"}."""
+    import json
+
+    from stages.models import kdcache_home
+
+    model_fingerprint(str(tiny_teacher))
+    records = [json.loads(p.read_text()) for p in (kdcache_home() / "hashes").glob("*.json")]
+    weights = [r for r in records if r["key"].split(":")[0].isdigit()]
+    assert weights and all(set(r) == {"key", "sha256"} for r in weights)
