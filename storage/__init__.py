@@ -46,9 +46,9 @@ def read_shard(store: Store, name: str) -> dict[str, np.ndarray]:
 def read_sequence(store: Store, split: str, index: int) -> dict[str, np.ndarray]:
     """The arrays of sequence `index` of `split` (for a signal store: its sparse signal per position).
 
-    A shard holds one compressed chunk per array, so a sequence costs its whole shard: the last shard read is
-    kept (decoded) on the store and reused while its files are unchanged, so reading a shard's sequences one by
-    one reads and decodes it once."""
+    A sequence is read with its whole shard (the shard's files are verified and decoded together): the last shard
+    read is kept, decoded, on the store and reused while its files are unchanged, so reading a shard's sequences
+    one by one reads, verifies and decodes it once."""
     shard = store.manifest.find(split, index)
     if shard is None:
         n = sum(s.count for s in store.manifest.splits().get(split, []))
