@@ -47,6 +47,18 @@ STUDENTS = [
      {"train.committee": "[teacher,comp]", "train.committee_weights": "confidence"}),
     ("teacher + comp, learned", "learned", {"train.committee": "[teacher,comp]", "train.committee_weights": "learned"}),
 ]
+
+def overrides(run_dir: Path, args, **extra) -> list[str]:
+    base = {"run_dir": run_dir, "prepare.seq_len": args.seq_len, "prepare.max_train_sequences": args.train_sequences,
+            "prepare.max_validation_sequences": args.validation_sequences, "prepare.shard_sequences": 16,
+            "precompute.scheduler": "sync", "precompute.threads_per_worker": args.threads,
+            "train.student": args.student, "train.max_steps": args.steps, "train.batch_size": args.batch_size,
+            "train.warmup_steps": max(1, args.steps // 10), "train.lr": args.lr, "train.checkpoint_every": args.steps,
+            "train.keep_checkpoints": 1, "train.device": "cpu", "train.loss": "kl", "evaluate.batch_size": 8}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 @torch.no_grad()
 def member_perplexities(cfg) -> dict:
     """Perplexity of each member on the held-out ground truth, from its cached signal (true token's log-prob

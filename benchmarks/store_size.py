@@ -99,7 +99,7 @@ def read_decode_speed(store_path: Path, encoding: str, repeats: int = 3) -> dict
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# Signal store size and decode speed\n", f"Store: `{results['store']}` (top-{results['k']}, "
+    lines = ["# Signal store size and decode speed\n", f"Store: `{results['store']}` (top-{results['k']}, "
              f"V = {results['vocab_size']}, {results['positions']} positions). Machine: {results['machine']}. "
              f"Command: `{results['command']}`.\n",
              "| value encoding | backend setting | bytes/token on disk | raw bytes/token |", "|---|---|---|---|"]

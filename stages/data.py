@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from storage import Store, decode_signal
+from storage.codecs import pad_signal
 
 
 def epoch_order(n_shards: int, shard_sizes: list[int], seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
@@ -91,8 +92,9 @@ class CachedKDDataset(IterableDataset):
             order = [(i, np.arange(n)) for i, n in enumerate(sizes)]
         return order[self.rank::self.world]
 
-    def _sequences(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(position after this sequence, its arrays), from self.start on."""
+    def _runs(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
+        """(position before the run, a shard's arrays, the run's sequence order in it) from self.start on: what
+        is left of each shard of each epoch, in stream order."""
         epoch, before = 0, 0  # before: this rank's sequences in the epochs before `epoch`
         while self.epochs is None or epoch < self.epochs:
             order = self._epoch(epoch)
@@ -101,41 +103,49 @@ class CachedKDDataset(IterableDataset):
             if offset < length:
                 seen = 0
                 for shard_index, perm in order:
-                    if seen + len(perm) <= offset:  # wholly consumed before the resume point: do not read it
-                        seen += len(perm)
-                        continue
-                    arrays = self._shard(self.records[shard_index].name)
-                    for idx in range(max(0, offset - seen), len(perm)):
-                        j = perm[idx]
-                        yield before + seen + idx + 1, {k: v[j] for k, v in arrays.items()}
+                    skip = max(0, offset - seen)
+                    if skip < len(perm):  # a shard wholly consumed before the resume point is not read
+                        yield before + seen + skip, self._shard(self.records[shard_index].name), perm[skip:]
                     seen += len(perm)
             epoch, before = epoch + 1, before + length
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        batch, position = [], self.start
-        for position, seq in self._sequences():
-            batch.append(seq)
-            if len(batch) == self.batch_size:
-                yield position, stack_sequences(batch)
-                batch = []
-        if batch:  # only reached with a finite number of epochs
-            yield position, stack_sequences(batch)
+        # a batch is gathered from its shard(s) with one fancy index per array and part, not sequence by sequence
+        parts, have, position = [], 0, self.start
+        for first, arrays, order in self._runs():
+            at = 0
+            while at < len(order):
+                take = min(self.batch_size - have, len(order) - at)
+                rows = order[at:at + take]
+                parts.append({k: v[rows] for k, v in arrays.items()})
+                have, at = have + take, at + take
+                position = first + at
+                if have == self.batch_size:
+                    yield position, join_batches(parts)
+                    parts, have = [], 0
+        if parts:  # only reached with a finite number of epochs
+            yield position, join_batches(parts)
+
+
+def join_batches(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate batches (arrays with a leading sequence axis) into one. Signal widths C can differ between
+    shards (sampled kinds): narrower ones are padded the way the decoder marks unused slots (`pad_signal`: id = the
+    position's first id, logprob = -inf)."""
+    if len(parts) == 1:
+        return parts[0]
+    parts = [dict(p) for p in parts]
+    for ids_key in [k for k in parts[0] if k.split("@")[0] == "sig_ids"]:  # every source of a committee
+        logprobs_key = ids_key.replace("sig_ids", "sig_logprobs", 1)
+        width = max(p[ids_key].shape[-1] for p in parts)
+        for p in parts:
+            padded = pad_signal({"ids": p[ids_key], "logprobs": p[logprobs_key]}, width)
+            p[ids_key], p[logprobs_key] = padded["ids"], padded["logprobs"]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def stack_sequences(sequences: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stack sequences into a batch. Signal widths C can differ between shards (sampled kinds): narrower ones are
-    padded the way the decoder marks unused slots, id = the position's first id and logprob = -inf."""
-    batch = {}
-    for name in sequences[0]:
-        arrays = [s[name] for s in sequences]
-        width = max(a.shape[-1] for a in arrays) if name in ("sig_ids", "sig_logprobs") else None
-        if width is not None and any(a.shape[-1] != width for a in arrays):
-            if name == "sig_ids":
-                arrays = [np.concatenate([a, np.repeat(a[:, :1], width - a.shape[-1], -1)], -1) for a in arrays]
-            else:
-                arrays = [np.pad(a, [(0, 0), (0, width - a.shape[-1])], constant_values=-np.inf) for a in arrays]
-        batch[name] = np.stack(arrays)
-    return batch
+    """Stack single sequences into a batch (padded as `join_batches` pads)."""
+    return join_batches([{name: a[None].copy() for name, a in s.items()} for s in sequences])
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device, pin: bool) -> dict[str, torch.Tensor]:

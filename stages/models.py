@@ -127,25 +127,53 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def model_tokenizer_fingerprint(spec: str, trust_remote_code: bool = False) -> str:
+    """tokenizer_fingerprint(load_tokenizer(spec)), for a local model folder cached by its files' names, sizes and
+    mtimes and the transformers/tokenizers versions (which serialise the tokenizer): loading a tokenizer costs
+    ~0.4 s, the largest fixed cost of a precompute run."""
+    from importlib.metadata import version
+
+    def compute() -> str:
+        return tokenizer_fingerprint(load_tokenizer(spec, trust_remote_code))
+
+    path = Path(resolve_model_path(spec))
+    if not path.is_dir():  # a hub id: nothing local to key a cache on
+        return compute()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+    key = json.dumps([version("transformers"), version("tokenizers"), trust_remote_code, files])
+    return _cached(f"tokenizer:{path.resolve()}", key, compute, field="tokenizer")
+
+
 def _file_sha256(path: Path) -> str:
     """sha256 of a file, cached by (path, size, mtime) so a multi-GB teacher is hashed once."""
     st = path.stat()
-    cache = kdcache_home() / "hashes" / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json")
-    key = f"{st.st_size}:{st.st_mtime_ns}"
-    if cache.exists():
-        try:
-            data = json.loads(cache.read_text())
-            if data.get("key") == key:
-                return data["sha256"]
-        except (json.JSONDecodeError, OSError):
-            pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+
+    def compute() -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    return _cached(str(path.resolve()), f"{st.st_size}:{st.st_mtime_ns}", compute, field="sha256")
+
+
+def _cached(name: str, key: str, compute, field: str) -> str:
+    """compute(), remembered in KDCACHE_HOME/hashes/ under `name` while `key` is unchanged, as {"key", field}.
+    Weight hashes keep the field "sha256": other kdcache versions share the folder and read that. Written aside
+    and renamed, so a process killed while writing leaves no half file for the next one to trust."""
+    cache = kdcache_home() / "hashes" / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".json")
+    try:
+        data = json.loads(cache.read_text())
+        if data.get("key") == key and isinstance(data.get(field), str):
+            return data[field]
+    except (OSError, ValueError):
+        pass
+    value = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "sha256": digest.hexdigest()}))
-    return digest.hexdigest()
+    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps({"key": key, field: value}))
+    os.replace(tmp, cache)
+    return value
 
 
 def model_fingerprint(spec: str) -> str:

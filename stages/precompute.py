@@ -20,7 +20,8 @@ import torch
 
 from pipeline.config import Config, check_source_name
 from pipeline.errors import KdcacheError
-from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+from stages.models import (load_teacher, model_fingerprint, model_tokenizer_fingerprint,
+                           resolve_model_path)
 from stages.progress import progress
 from stages.runtime import pick_device
 from stages.signals import concat_signals, extract_signal, shard_generator
@@ -45,7 +46,7 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, b
     signals = Store(Path(signal_dir), read_manifest(Path(signal_dir)))
     tokens = Store(Path(token_dir), read_manifest(Path(token_dir)))
     n_tokens = next(r.count for r in tokens.manifest.layout if r.name == name) * tokens.manifest.params["seq_len"]
-    if name in signals.committed():
+    if signals.committed([name]):
         return {"name": name, "tokens": n_tokens, "skipped": True, "seconds": 0.0}
     start = time.perf_counter()
     model = _worker_teacher(teacher, threads, trust_remote_code)
@@ -74,8 +75,7 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
 
     pc = cfg.precompute
     model_path = resolve_model_path(model)
-    tokenizer = load_tokenizer(model, pc.trust_remote_code)
-    model_tok = tokenizer_fingerprint(tokenizer)
+    model_tok = model_tokenizer_fingerprint(model, pc.trust_remote_code)
     if model_tok != tokens.manifest.fingerprints["tokenizer"]:
         raise KdcacheError(f"{source} {model!r} tokenizer {model_tok} differs from the token store's "
                            f"{tokens.manifest.fingerprints['tokenizer']}: every source must share the tokenizer "
@@ -149,7 +149,8 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
     manifests = [signal_manifest(cfg, tokens, name, spec) for name, spec in sources]  # refuses a mismatch first
     # each store holds its writer lock until close()
     stores = [Store.create(cfg.signal_dir(name), manifest, overwrite) for (name, _), manifest in zip(sources, manifests)]
-    todo = [[r for r in store.manifest.layout if r.name not in store.committed()] for store in stores]
+    done = [store.committed() for store in stores]
+    todo = [[r for r in store.manifest.layout if r.name not in d] for store, d in zip(stores, done)]
     seq_len = tokens.manifest.params["seq_len"]
     total = sum(r.count for r in tokens.manifest.layout) * seq_len * len(sources)
     threads = pc.threads_per_worker or max(1, (os.cpu_count() or 1) // pc.workers)

@@ -17,14 +17,30 @@ import numpy as np
 import torch
 
 
+CHUNK_BYTES = 4 << 20  # logits per topk_signal chunk: a few MB stay in cache from the logsumexp to the topk pass
+
+
 def topk_signal(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits (..., V) -> support ids (..., k) int64 sorted by probability, their log-probs (..., k) float32,
     and the log-normaliser logsumexp(logits) (...,) float32, so exact support probabilities and the tail mass
-    1 - sum(exp(logprobs)) are recoverable."""
-    logits = logits.float()
-    lognorm = torch.logsumexp(logits, dim=-1)              # (...,)
-    values, ids = torch.topk(logits, k, dim=-1)             # (..., k), sorted descending
-    return ids, values - lognorm.unsqueeze(-1), lognorm
+    1 - sum(exp(logprobs)) are recoverable.
+
+    Rows are taken a few MB at a time: logsumexp makes a temporary as large as its input, so over a whole
+    batch's logits (~400 MB at 8 x 256 x 49,152) both passes stream from memory; chunked, the second pass reads
+    cache and the lse + topk take ~half the time (measured, one core). Every row is computed as unchunked."""
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    flat = logits.reshape(-1, vocab)                                        # (R, V)
+    ids = torch.empty(flat.shape[0], k, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(flat.shape[0], k, dtype=torch.float32, device=logits.device)
+    lognorm = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    rows = max(1, CHUNK_BYTES // (4 * vocab))
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start:start + rows].float()                            # (r, V)
+        norm = torch.logsumexp(chunk, dim=-1)                               # (r,)
+        values, top = torch.topk(chunk, k, dim=-1)                          # (r, k), sorted descending
+        ids[start:start + rows], logprobs[start:start + rows] = top, values - norm.unsqueeze(-1)
+        lognorm[start:start + rows] = norm
+    return ids.reshape(*lead, k), logprobs.reshape(*lead, k), lognorm.reshape(lead)
 
 
 def shard_generator(seed: int, shard: str) -> torch.Generator:

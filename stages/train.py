@@ -32,7 +32,7 @@ from stages.committee import TeacherUnderstanding
 from stages.data import CachedKDDataset, Prefetcher, signal_key
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.losses import committee as committee_loss
-from stages.models import build_student, load_tokenizer, model_fingerprint, resolve_model_path, tokenizer_fingerprint
+from stages.models import (build_student, load_tokenizer, model_fingerprint, model_tokenizer_fingerprint)
 from stages.progress import progress
 from stages.runtime import all_reduce_sum, autocast, init_distributed, pick_device
 from stages.schedules import TAIDSchedule, WarmupCosineLR
@@ -100,7 +100,7 @@ def check_student(student, signals: Store, student_spec: str, trust_remote_code:
                            f"{signals.path} has {vocab}: the student must share the teacher's tokenizer")
     path = Path(student_spec)
     if path.is_dir() and (path / "tokenizer_config.json").exists():
-        fp = tokenizer_fingerprint(load_tokenizer(str(path), trust_remote_code))
+        fp = model_tokenizer_fingerprint(str(path), trust_remote_code)
         if fp != signals.manifest.fingerprints["tokenizer"]:
             raise KdcacheError(f"student {student_spec!r} tokenizer {fp} differs from the cache's "
                                f"{signals.manifest.fingerprints['tokenizer']}: use a student with the teacher's tokenizer")

@@ -24,7 +24,7 @@ import numpy as np
 from storage.codecs import decode_signal, decode_topk, encode_signal, encode_topk
 from storage.errors import StoreError
 from storage.manifest import Manifest, ShardRecord
-from storage.store import Store, make_layout
+from storage.store import Store, files_unchanged, make_layout
 
 __all__ = ["Manifest", "ShardRecord", "Store", "StoreError", "decode_signal", "decode_topk", "encode_signal",
            "encode_topk", "make_layout", "open_store", "read_sequence", "read_shard"]
@@ -44,10 +44,18 @@ def read_shard(store: Store, name: str) -> dict[str, np.ndarray]:
 
 
 def read_sequence(store: Store, split: str, index: int) -> dict[str, np.ndarray]:
-    """The arrays of sequence `index` of `split` (for a signal store: its sparse signal per position)."""
-    for shard in store.manifest.splits().get(split, []):
-        if shard.start <= index < shard.start + shard.count:
-            arrays = read_shard(store, shard.name)
-            return {name: a[index - shard.start] for name, a in arrays.items()}
-    n = sum(s.count for s in store.manifest.splits().get(split, []))
-    raise StoreError(f"{store.path} has no sequence {index} in split {split!r} ({n} sequences)")
+    """The arrays of sequence `index` of `split` (for a signal store: its sparse signal per position).
+
+    A sequence is read with its whole shard (the shard's files are verified and decoded together): the last shard
+    read is kept, decoded, on the store and reused while its files are unchanged, so reading a shard's sequences
+    one by one reads, verifies and decodes it once."""
+    shard = store.manifest.find(split, index)
+    if shard is None:
+        n = sum(s.count for s in store.manifest.splits().get(split, []))
+        raise StoreError(f"{store.path} has no sequence {index} in split {split!r} ({n} sequences)")
+    cached = store.last_read
+    if cached is None or cached[0] != shard.name or not files_unchanged(store.shard_dir(shard.name), cached[1]):
+        arrays = read_shard(store, shard.name)
+        cached = store.last_read = (shard.name, store.verified_signature(shard.name), arrays)
+    # copies: the caller may write to what it gets, the kept shard must stay as read
+    return {name: a[index - shard.start].copy() for name, a in cached[2].items()}

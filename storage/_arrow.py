@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 SUFFIX = ".arrow"
+NAME = "data" + SUFFIX  # the IPC file inside a shard folder
 META_KEY = b"kdcache.arrays"
 
 
@@ -38,8 +39,15 @@ def write(path: Path, arrays: dict[str, np.ndarray], zstd_level: int = 3) -> Non
 
 
 def read(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    with pa.OSFile(str(path), "rb") as source:
-        table = pa.ipc.open_file(source).read_all()
+    """The arrays of an IPC file on disk (any name; inside a store it is a shard's `NAME`)."""
+    return decode({NAME: Path(path).read_bytes()}, names)
+
+
+def decode(files: dict[str, bytes], names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a shard from its files' bytes (path relative to the shard folder -> bytes)."""
+    if NAME not in files:
+        raise ValueError(f"no Arrow file {NAME}")
+    table = pa.ipc.open_file(pa.py_buffer(files[NAME])).read_all()
     meta = json.loads(table.schema.metadata[META_KEY])
     names = names if names is not None else sorted(meta)
     out = {}

@@ -8,7 +8,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
@@ -73,6 +75,27 @@ class Manifest:
         for s in sorted(self.shards, key=lambda s: (s.split, s.start)):
             out.setdefault(s.split, []).append(s)
         return out
+
+    def shard(self, name: str) -> ShardRecord | None:
+        """The committed shard called `name` (None if it is not committed)."""
+        return self._shards_by_name.get(name)
+
+    def find(self, split: str, index: int) -> ShardRecord | None:
+        """The committed shard of `split` that holds sequence `index` (None if none does)."""
+        starts, records = self._split_starts.get(split, ([], []))
+        i = bisect_right(starts, index) - 1
+        if i >= 0 and index < records[i].start + records[i].count:
+            return records[i]
+        return None
+
+    # lookups built once per manifest (it is frozen): a reader looks shards up per sequence
+    @cached_property
+    def _shards_by_name(self) -> dict[str, ShardRecord]:
+        return {s.name: s for s in self.shards}
+
+    @cached_property
+    def _split_starts(self) -> dict[str, tuple[list[int], list[ShardRecord]]]:
+        return {split: ([r.start for r in records], records) for split, records in self.splits().items()}
 
     def to_dict(self) -> dict:
         d = asdict(self)

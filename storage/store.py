@@ -36,27 +36,75 @@ def _backend(name: str):
         raise StoreError(f"unknown storage backend {name!r}: use one of {sorted(BACKENDS)}") from None
 
 
-def _data_files(shard_dir: Path) -> list[Path]:
-    return sorted(p for p in shard_dir.rglob("*") if p.is_file() and p.name != COMMIT_NAME)
+def _data_files(shard_dir: Path) -> list[tuple[str, str]]:
+    """(path relative to the shard folder, path) of every data file, in path order (the checksum's order).
+    os.scandir rather than Path.rglob: a reader lists a shard per read, and rglob costs ~10x more."""
+    found = []
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, prefix + entry.name + "/")
+                elif entry.is_file() and entry.name != COMMIT_NAME:
+                    found.append((prefix + entry.name, entry.path))
+
+    try:
+        walk(str(shard_dir), "")
+    except FileNotFoundError:  # no shard folder: no files
+        return []
+    return sorted(found, key=lambda f: f[0].split("/"))  # as sorted Paths compare: part by part
+
+
+def _signature(rel: str, st: os.stat_result) -> tuple:
+    # ctime and inode too: a rewrite that keeps size and mtime (os.utime) still changes ctime, a replaced file its inode
+    return rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+def read_files(shard_dir: Path) -> tuple[tuple, dict[str, bytes]]:
+    """A shard's data files, each read once: (signature, relative path -> bytes, in checksum order). The signature
+    (every file's path, size, mtime, ctime and inode, taken before its bytes are read) changes whenever a file is
+    written, replaced, added or removed."""
+    signature, files = [], {}
+    for rel, path in _data_files(shard_dir):
+        with open(path, "rb") as f:
+            signature.append(_signature(rel, os.fstat(f.fileno())))
+            files[rel] = f.read()
+    return tuple(signature), files
+
+
+def files_unchanged(shard_dir: Path, signature: tuple) -> bool:
+    """True while every file of a `read_files` signature still has its size, mtime, ctime and inode (only those
+    files are looked at: a cheap check, nothing is listed or read)."""
+    root = str(shard_dir)
+    try:
+        return all(_signature(entry[0], os.stat(os.path.join(root, entry[0]))) == entry for entry in signature)
+    except OSError:  # a file is gone
+        return False
+
+
+def _checksum(files: dict[str, bytes]) -> tuple[str, int]:
+    """sha256 over the files' relative paths and bytes, in `read_files` order, and their total size."""
+    digest = hashlib.sha256()
+    for rel, data in files.items():
+        digest.update(rel.encode() + b"\0")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return "sha256:" + digest.hexdigest(), sum(len(data) for data in files.values())
+
+
+def _file_checksums(files: dict[str, bytes]) -> dict[str, str]:
+    return {rel: "sha256:" + hashlib.sha256(data).hexdigest() for rel, data in files.items()}
 
 
 def file_checksums(shard_dir: Path) -> dict[str, str]:
     """relative path -> sha256 of each data file of a shard (so `kdcache verify` can name a damaged file)."""
-    return {p.relative_to(shard_dir).as_posix(): "sha256:" + hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in _data_files(shard_dir)}
+    return _file_checksums(read_files(shard_dir)[1])
 
 
 def shard_checksum(shard_dir: Path) -> tuple[str, int]:
     """sha256 over the shard's data files (relative path and bytes, in sorted order) and their total size."""
-    digest = hashlib.sha256()
-    nbytes = 0
-    for path in _data_files(shard_dir):
-        data = path.read_bytes()
-        digest.update(path.relative_to(shard_dir).as_posix().encode() + b"\0")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-        nbytes += len(data)
-    return "sha256:" + digest.hexdigest(), nbytes
+    return _checksum(read_files(shard_dir)[1])
 
 
 def content_hash(arrays: dict[str, np.ndarray]) -> str:
@@ -93,6 +141,10 @@ class Store:
         self.manifest = manifest
         self.backend = _backend(manifest.backend)
         self.writer_lock = None  # held by a store opened for writing (Store.create) until close()
+        # shard name -> (files signature, checksum) of its last verified read: a shard is hashed once per open
+        # store, and again whenever a file of it changes (see read_files)
+        self._verified: dict[str, tuple[tuple, str]] = {}
+        self.last_read = None  # (shard name, files signature, decoded arrays): storage.read_sequence's last shard
 
     def close(self) -> None:
         """Give up the writer lock (a no-op for stores opened for reading)."""
@@ -189,12 +241,13 @@ class Store:
         return self.path / SHARDS_DIR / name
 
     def _data_path(self, shard_dir: Path) -> Path:
-        return shard_dir / ("data" + self.backend.SUFFIX)
+        return shard_dir / self.backend.NAME
 
-    def committed(self) -> dict[str, ShardRecord]:
-        """Shards that are on disk under their final name, from their commit records."""
+    def committed(self, names: list[str] | None = None) -> dict[str, ShardRecord]:
+        """Shards that are on disk under their final name, from their commit records (of `names` only if given:
+        a task asking about its own shard reads one record, not the whole store's)."""
         out, identity = {}, self.manifest.identity()
-        for rec in self.manifest.layout:
+        for rec in self.manifest.layout if names is None else [r for r in self.manifest.layout if r.name in names]:
             commit = self.shard_dir(rec.name) / COMMIT_NAME
             if commit.exists():
                 info = _read_commit(commit)
@@ -216,10 +269,11 @@ class Store:
             tmp.mkdir()
             self.backend.write(self._data_path(tmp), arrays)
             _fsync_tree(tmp)
-            checksum, nbytes = shard_checksum(tmp)
+            files = read_files(tmp)[1]
+            checksum, nbytes = _checksum(files)
             content = content_hash(arrays)
             (tmp / COMMIT_NAME).write_text(json.dumps({"name": name, "checksum": checksum, "nbytes": nbytes,
-                                                       "content": content, "files": file_checksums(tmp),
+                                                       "content": content, "files": _file_checksums(files),
                                                        "store": self.manifest.identity()},
                                                       indent=1, sort_keys=True))
             if final.exists():
@@ -241,36 +295,37 @@ class Store:
         return replace(layout[name], checksum=checksum, nbytes=nbytes, content=content)
 
     def read_shard(self, name: str, names: list[str] | None = None, verify: bool = True) -> dict[str, np.ndarray]:
-        """Read a committed shard's arrays; with verify, refuse it unless its bytes match the manifest checksum."""
+        """Read a committed shard's arrays; with verify, refuse it unless its bytes match the manifest checksum.
+
+        The files are read once: their bytes are hashed and decoded. A shard verified earlier through this Store is
+        not hashed again while its files are unchanged (same size, mtime, ctime, inode); a newly opened store
+        verifies it again."""
         shard = self.shard_dir(name)
-        records = {s.name: s for s in self.manifest.shards}
-        if name not in records or not shard.exists():
+        record = self.manifest.shard(name)
+        if record is None or not shard.exists():
             raise StoreError(f"shard {shard} is missing or not committed: run `kdcache verify {self.path}` "
                              "and rerun the stage that writes it")
-        if verify:
-            checksum, _ = shard_checksum(shard)
-            if checksum != records[name].checksum:
-                raise StoreError(f"shard {shard} is corrupted ({self._damaged_file(shard)}checksum {checksum[:19]} != "
-                                 f"manifest {records[name].checksum[:19]}): run `kdcache verify {self.path}`, "
-                                 "delete the shard and rerun the stage that writes it")
         try:
-            return self.backend.read(self._data_path(shard), names)
+            signature, files = read_files(shard)
+        except OSError as e:  # e.g. a file removed while the shard is read
+            raise StoreError(f"shard {shard} cannot be read ({type(e).__name__}: {e}): run `kdcache verify "
+                             f"{self.path}`, delete the shard and rerun the stage that writes it") from e
+        if verify and self._verified.get(name) != (signature, record.checksum):
+            checksum, _ = _checksum(files)
+            if checksum != record.checksum:
+                raise StoreError(f"shard {shard} is corrupted ({_damaged_file(shard, files)}checksum "
+                                 f"{checksum[:19]} != manifest {record.checksum[:19]}): run `kdcache verify "
+                                 f"{self.path}`, delete the shard and rerun the stage that writes it")
+            self._verified[name] = (signature, record.checksum)
+        try:
+            return self.backend.decode(files, names)
         except Exception as e:  # a backend error on a verified shard means a damaged or foreign file
             raise StoreError(f"shard {shard} cannot be read ({type(e).__name__}: {e}): delete it and rerun") from e
 
-    @staticmethod
-    def _damaged_file(shard: Path) -> str:
-        """'file X differs, ' for the first data file whose bytes differ from the commit record (or '')."""
-        try:
-            recorded = json.loads((shard / COMMIT_NAME).read_text()).get("files") or {}
-        except (OSError, ValueError):
-            return ""
-        actual = file_checksums(shard)
-        for name in sorted(set(recorded) | set(actual)):
-            if recorded.get(name) != actual.get(name):
-                state = "is missing" if name not in actual else "is unexpected" if name not in recorded else "differs"
-                return f"file {name} {state}, "
-        return ""
+    def verified_signature(self, name: str) -> tuple | None:
+        """The files signature of the last verified read of shard `name` through this store (None if none)."""
+        verified = self._verified.get(name)
+        return verified[0] if verified else None
 
     def refresh_manifest(self) -> Manifest:
         """Rewrite the manifest from the shards on disk; drop leftovers of killed writers."""
@@ -286,6 +341,20 @@ class Store:
 
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.manifest.shards)
+
+
+def _damaged_file(shard: Path, files: dict[str, bytes]) -> str:
+    """'file X differs, ' for the first data file whose bytes differ from the shard's commit record (or '')."""
+    try:
+        recorded = json.loads((shard / COMMIT_NAME).read_text()).get("files") or {}
+    except (OSError, ValueError):
+        return ""
+    actual = _file_checksums(files)
+    for name in sorted(set(recorded) | set(actual)):
+        if recorded.get(name) != actual.get(name):
+            state = "is missing" if name not in actual else "is unexpected" if name not in recorded else "differs"
+            return f"file {name} {state}, "
+    return ""
 
 
 def _unstarted(path: Path) -> bool:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.cli import main
 from pipeline.config import load_config

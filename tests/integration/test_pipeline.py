@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -150,31 +149,46 @@ def test_training_log_carries_loss_parts_taid_t_and_agreements(tmp_path, cached_
                 assert record["taid_t"] == pytest.approx(0.4)
 
 
+# Runs `kdcache train` in a child that SIGKILLs itself once step KILL_AFTER is logged: a real kill (no finally
+# blocks, no flush, no cleanup) at a fixed point. Polling for the first checkpoint and killing from outside made
+# the kill point a matter of timing: on a fast machine the 12 tiny steps and even the final save could be done
+# before the SIGKILL landed, so what the test exercised changed from run to run.
+KILL_AFTER = 7
+SELF_KILL = f"""
+import os, signal, sys
+from stages import train
+real = train._train_step
+def step_then_die(*args, **kwargs):
+    step, position = real(*args, **kwargs)
+    if step == {KILL_AFTER}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step, position
+train._train_step = step_then_die
+from pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_during_training_then_resume(tmp_path, cached_run, tiny_teacher):
-    cfg = _cfg(tmp_path / "ref", cached_run, tiny_teacher, **{"train.max_steps": 12, "train.checkpoint_every": 3})
+    settings = {"train.max_steps": 12, "train.checkpoint_every": 3}
+    cfg = _cfg(tmp_path / "ref", cached_run, tiny_teacher, **settings)
     train.run(cfg)
     reference = [r["loss"] for r in _log(cfg)]
 
-    killed = _cfg(tmp_path / "killed", cached_run, tiny_teacher, **{"train.max_steps": 12, "train.checkpoint_every": 3})
+    killed = _cfg(tmp_path / "killed", cached_run, tiny_teacher, **settings)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "pipeline.cli", "train"]
-    for o in tiny_overrides(killed.run_dir, tiny_teacher, **{"train.max_steps": 12, "train.checkpoint_every": 3}):
-        args += ["-s", o]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["train"] + [a for o in tiny_overrides(killed.run_dir, tiny_teacher, **settings) for a in ("-s", o)]
+    proc = subprocess.run([sys.executable, "-c", SELF_KILL, *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpts = killed.student_dir / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(ckpts.glob("step-*/state.json")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted(ckpts.glob("step-*/state.json"))
-    assert done, "a checkpoint should exist before the kill"
-    out = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert train.latest_checkpoint(ckpts).name == "step-00000006"   # step 7 was logged, never checkpointed
+    assert [r["step"] for r in _log(killed)] == list(range(1, KILL_AFTER + 1))
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "resuming from step-" in out.stdout
-    resumed = [r["loss"] for r in _log(killed)]
-    assert len(resumed) == 12
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=1e-5, atol=1e-6)
+    assert "resuming from step-00000006 (step 6, " in out.stdout
+    log = _log(killed)
+    assert [r["step"] for r in log] == list(range(1, 13))             # step 7 once: the killed run's line dropped
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in log]), torch.tensor(reference), rtol=1e-5, atol=1e-6)
 
 
 def test_student_with_another_vocabulary_is_refused(tmp_path, cached_run, tiny_teacher, capsys):

@@ -1,6 +1,5 @@
 """The bad-input matrix: every case is one `kdcache: error:` line on stderr naming the problem, exit code 2 and no
 traceback; `--debug` shows the traceback. The table in README.md `## Reliability` lists these cases."""
-import json
 import os
 import shutil
 import subprocess

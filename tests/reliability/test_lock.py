@@ -12,10 +12,10 @@ pytestmark = [pytest.mark.reliability]
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = Manifest(kind="tokens", backend="zarr", params={"seq_len": 4}, layout=make_layout({"train": 2}, 1))
-OTHER_WRITER = f"""
+OTHER_WRITER = """
 import sys
 from storage import Manifest, Store, StoreError, make_layout
-m = Manifest(kind="tokens", backend="zarr", params={{"seq_len": 4}}, layout=make_layout({{"train": 2}}, 1))
+m = Manifest(kind="tokens", backend="zarr", params={"seq_len": 4}, layout=make_layout({"train": 2}, 1))
 try:
     Store.create(sys.argv[1], m).close()
 except StoreError as e:

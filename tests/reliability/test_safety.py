@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.errors import KdcacheError
 from stages import train
 from storage import StoreError, open_store, read_shard
 from tests.reliability.conftest import cli_args

@@ -125,3 +125,99 @@ def test_topk_codec_uses_uint16_or_packed_ids_and_fp16_values():
     big = encode_topk(np.array([[[70000]]]), np.zeros((1, 1, 1), np.float32), np.zeros((1, 1), np.float32), 100000)
     assert big["ids"].dtype == np.uint8 and big["ids"].shape == (1, 1, 3)  # 17 bits, bit-packed
     assert decode_topk(big, vocab_size=100000)["ids"][0, 0, 0] == 70000
+
+
+# ---- the Zarr backend's direct reader ----------------------------------------------------------------------
+
+def _zarr_arrays():
+    """What `_zarr.write` meets: several inner chunks with a partial last one, an all-zero inner chunk (zarr leaves
+    it unwritten), empty and trailing-zero arrays, every dtype the stores use."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 60_000, (70, 6, 3)).astype(np.uint16)
+    ids[32:64] = 0
+    return {"ids": ids, "logprobs": rng.standard_normal((70, 6, 3)).astype(np.float16),
+            "lognorm": rng.standard_normal((70, 6)).astype(np.float32), "mask": rng.integers(0, 2, (70, 6)) > 0,
+            "long": rng.integers(-2**40, 2**40, (70,)), "empty": np.zeros((0, 6), np.uint8),
+            "trailing": np.zeros((70, 6, 0), np.uint16), "zeros": np.zeros((70, 2), np.float32)}
+
+
+def test_zarr_reads_what_it_writes_without_zarr_python(tmp_path, monkeypatch):
+    from storage import _zarr
+
+    def refuse(*a, **k):
+        raise AssertionError("the direct reader handed a layout that _zarr.write makes to zarr-python")
+
+    monkeypatch.setattr(_zarr, "_decode_with_zarr", refuse)
+    want = _zarr_arrays()
+    _zarr.write(tmp_path / "g.zarr", want)
+    got = _zarr.read(tmp_path / "g.zarr")
+    assert sorted(got) == sorted(want)
+    for name, a in want.items():
+        assert got[name].dtype == a.dtype and got[name].shape == a.shape and got[name].flags.writeable, name
+        np.testing.assert_array_equal(got[name], a)
+    assert _zarr.read(tmp_path / "g.zarr", ["lognorm"]).keys() == {"lognorm"}
+    with pytest.raises(KeyError, match="array 'nope' is not in the shard"):
+        _zarr.read(tmp_path / "g.zarr", ["nope"])
+
+
+def test_zarr_layouts_it_does_not_write_are_read_by_zarr_python(tmp_path):
+    import zarr
+    from zarr.codecs import GzipCodec
+
+    from storage import _zarr
+
+    want = _zarr_arrays()
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    for name, a in want.items():  # unsharded chunks, gzip: what an older writer or another tool may leave
+        group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=tuple(max(1, d) for d in a.shape),
+                           compressors=[GzipCodec()])[...] = a
+    got = _zarr.read(tmp_path / "g.zarr")
+    for name, a in want.items():
+        np.testing.assert_array_equal(got[name], a)
+
+
+def test_zarr_direct_reader_refuses_a_damaged_shard_index_even_unverified(tmp_path):
+    import google_crc32c
+
+    from storage import _zarr
+
+    _zarr.write(tmp_path / "g.zarr", {"x": np.arange(4000, dtype=np.float32).reshape(40, 100)})
+    shard = tmp_path / "g.zarr" / "x" / "c" / "0" / "0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    with pytest.raises(ValueError, match="shard index is damaged"):
+        _zarr.read(tmp_path / "g.zarr")
+    # an index that is intact (its crc32c matches) but points past the chunks
+    index = np.frombuffer(data[-36:-4], "<u8").copy()                           # 2 inner chunks x (offset, nbytes)
+    index[2] = len(data)
+    body = index.tobytes()
+    shard.write_bytes(data[:-36] + body + google_crc32c.value(body).to_bytes(4, "little"))
+    with pytest.raises(ValueError, match="inner chunk 1 lies outside the shard file"):
+        _zarr.read(tmp_path / "g.zarr")
+
+
+def test_manifest_finds_shards_by_name_and_sequence():
+    layout = make_layout({"train": 10, "validation": 3}, 4)
+    manifest = Manifest(kind="tokens", backend="zarr", layout=layout, shards=layout[:2] + layout[3:])
+    assert manifest.shard("train-00001") == layout[1] and manifest.shard("train-00002") is None
+    assert [manifest.find("train", i).name for i in (0, 3, 4, 7)] == ["train-00000"] * 2 + ["train-00001"] * 2
+    assert manifest.find("train", 8) is None and manifest.find("train", -1) is None  # 8: not committed
+    assert manifest.find("validation", 2) == layout[3] and manifest.find("test", 0) is None
+
+
+def test_shard_checksum_walks_files_in_path_order(tmp_path):
+    """Commit records hold checksums over the files in sorted-Path order; the reader's listing must keep that order
+    (a string sort differs: 'ids/x' < 'ids-x' as Paths, not as strings), or every existing store reads as corrupted."""
+    import hashlib
+    from pathlib import Path
+
+    from storage.store import COMMIT_NAME, shard_checksum
+
+    for rel in ["ids-x/a", "ids/c/0", "ids/zarr.json", "ids_x/a", "a.b", "a/b", "Z", COMMIT_NAME]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode() * 3)
+    digest = hashlib.sha256()
+    for p in sorted(p for p in Path(tmp_path).rglob("*") if p.is_file() and p.name != COMMIT_NAME):
+        data = p.read_bytes()
+        digest.update(p.relative_to(tmp_path).as_posix().encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    assert shard_checksum(tmp_path)[0] == "sha256:" + digest.hexdigest()

@@ -63,6 +63,7 @@ def test_resume_skips_committed_shards(tmp_path, backend):
     before = _files(tmp_path / "s")
     again = Store.create(tmp_path / "s", _manifest(backend))
     assert set(again.committed()) == {"train-00000", "validation-00000"}
+    assert set(again.committed(["train-00000", "train-00001"])) == {"train-00000"}  # only the shards asked about
     again.write_shard("train-00001", _arrays(again.manifest.layout[1]))
     assert again.refresh_manifest().complete
     after = _files(tmp_path / "s")
@@ -150,3 +151,61 @@ def test_corruption_is_detected_and_named(tmp_path, backend, damage):
     with pytest.raises(StoreError, match=f"shard .*train-00001 is corrupted \\(file {rel} {state}, checksum"):
         opened.read_shard("train-00001")
     opened.read_shard("train-00000")  # the others still read
+
+
+def _flip_keeping_size_and_mtime(path):
+    """A silent in-place change: same size, mtime put back (only ctime and the bytes tell)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_shard_is_hashed_once_per_open_store_while_unchanged(tmp_path, backend, monkeypatch):
+    import storage.store
+
+    _fill(Store.create(tmp_path / "s", _manifest(backend)))
+    hashed = []
+    real = storage.store._checksum
+    monkeypatch.setattr(storage.store, "_checksum", lambda files: hashed.append(1) or real(files))
+    first = open_store(tmp_path / "s")
+    for _ in range(3):
+        first.read_shard("train-00000")
+    assert len(hashed) == 1
+    open_store(tmp_path / "s").read_shard("train-00000")  # another open store verifies for itself
+    assert len(hashed) == 2
+
+
+def test_a_shard_corrupted_after_a_verified_read_is_still_caught(tmp_path, backend):
+    _fill(Store.create(tmp_path / "s", _manifest(backend)))
+    opened = open_store(tmp_path / "s")
+    opened.read_shard("train-00001")  # verified and remembered
+    victim = _data_file(opened, "train-00001")
+    _flip_keeping_size_and_mtime(victim)
+    rel = victim.relative_to(opened.shard_dir("train-00001")).as_posix()
+    with pytest.raises(StoreError, match=f"train-00001 is corrupted \\(file {rel} differs"):
+        opened.read_shard("train-00001")  # the same store: the file changed since it was verified
+    with pytest.raises(StoreError, match="train-00001 is corrupted"):
+        open_store(tmp_path / "s").read_shard("train-00001")  # a later open
+
+
+def test_read_sequence_decodes_a_shard_once_and_hands_out_copies(tmp_path, backend, monkeypatch):
+    from storage import read_sequence
+
+    _fill(Store.create(tmp_path / "s", _manifest(backend)))
+    opened = open_store(tmp_path / "s")
+    decoded = []
+    real = opened.backend.decode
+    monkeypatch.setattr(opened.backend, "decode", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    rec = opened.manifest.shard("train-00001")
+    want = _arrays(rec)
+    for i in range(rec.count):
+        got = read_sequence(opened, "train", rec.start + i)
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"][i])
+        got["input_ids"][:] = 0  # the caller's copy: the kept shard is unchanged
+    assert len(decoded) == 1
+    np.testing.assert_array_equal(read_sequence(opened, "train", rec.start)["input_ids"], want["input_ids"][0])
+    _flip_keeping_size_and_mtime(_data_file(opened, "train-00001"))  # the kept shard is not served once changed
+    with pytest.raises(StoreError, match="train-00001 is corrupted"):
+        read_sequence(opened, "train", rec.start)
