@@ -14,7 +14,7 @@ Stored arrays (the codec's business; `encode_signal` writes them, `decode_signal
     top1, scale,  (n, T) float32, (n, T) float16, (n, T, k-1) uint8 (value_encoding int8): logprob_i =
     steps                    top1 - (steps_2 + ... + steps_i) * scale for i >= 2 (logprob_1 = top1); see
                              `quantise_logprobs`
-    lognorm       (n, T)     float32
+    lognorm       (n, T)     float32 (topk; optional for sample and hybrid, whose estimates sum to 1 without it)
     ids, counts   (n, L)     (sample) one row per sequence: the unique drawn ids (uint16, or bit-packed as above)
                              and their uint8 counts, position after position, most drawn first within a
                              position; a position's counts sum to N, which is how a reader finds where it ends.
@@ -256,19 +256,23 @@ def _check_shapes(signal: dict, required: tuple[str, ...], kind: str) -> None:
 
 
 def _encode_topk_part(signal: dict, vocab_size: int, value_encoding: str) -> dict[str, np.ndarray]:
-    ids, logprobs, lognorm = (np.asarray(signal[k]) for k in ("ids", "logprobs", "lognorm"))
-    if ids.shape != logprobs.shape or ids.ndim != 3 or ids.shape[:-1] != lognorm.shape:
+    """ids, logprobs (n, T, k) and, when given, lognorm (n, T) -> stored arrays."""
+    ids, logprobs = np.asarray(signal["ids"]), np.asarray(signal["logprobs"])
+    lognorm = np.asarray(signal["lognorm"]) if signal.get("lognorm") is not None else None
+    if ids.shape != logprobs.shape or ids.ndim != 3 or (lognorm is not None and ids.shape[:-1] != lognorm.shape):
         raise StoreError(f"inconsistent signal shapes ids {ids.shape}, logprobs {logprobs.shape}, "
-                         f"lognorm {lognorm.shape} (want (n, T, k), (n, T, k), (n, T))")
-    return {"ids": encode_ids(ids, vocab_size), **_encode_values(logprobs, value_encoding),
-            "lognorm": lognorm.astype(np.float32)}
+                         f"lognorm {None if lognorm is None else lognorm.shape} (want (n, T, k), (n, T, k), (n, T))")
+    out = {"ids": encode_ids(ids, vocab_size), **_encode_values(logprobs, value_encoding)}
+    if lognorm is not None:
+        out["lognorm"] = lognorm.astype(np.float32)
+    return out
 
 
 def encode_signal(kind: str, signal: dict[str, np.ndarray], vocab_size: int, value_encoding: str = "float16",
                   ) -> dict[str, np.ndarray]:
     """kind topk:   signal = {ids (n,T,k) int, logprobs (n,T,k) float, lognorm (n,T) float}
        kind sample: signal = {ids (n,T,M) int, counts (n,T,M) int (0 = unused slot)}  [+ optional lognorm]
-       kind hybrid: signal = {ids, logprobs, lognorm (top-k part), tail_ids (n,T,M), tail_counts (n,T,M)}
+       kind hybrid: signal = {ids, logprobs (top-k part), tail_ids (n,T,M), tail_counts (n,T,M)} [+ optional lognorm]
        -> the arrays to store (names/dtypes are the codec's business; see the module docstring).
     Counts must sum to the same N <= 255 at every position; ids at one position must be distinct."""
     if kind not in KINDS:
@@ -287,11 +291,11 @@ def encode_signal(kind: str, signal: dict[str, np.ndarray], vocab_size: int, val
                 raise StoreError(f"sample lognorm {lognorm.shape} must be (n, T) = {np.shape(signal['counts'])[:-1]}")
             out["lognorm"] = lognorm
         return out
-    _check_shapes(signal, ("ids", "logprobs", "lognorm", "tail_ids", "tail_counts"), kind)
+    _check_shapes(signal, ("ids", "logprobs", "tail_ids", "tail_counts"), kind)
     out = _encode_topk_part(signal, vocab_size, value_encoding)
     top_ids, tail_ids, tail_counts = (np.asarray(signal[k]) for k in ("ids", "tail_ids", "tail_counts"))
-    if tail_counts.shape[:-1] != out["lognorm"].shape:
-        raise StoreError(f"hybrid tail {tail_counts.shape[:-1]} and top-k {out['lognorm'].shape} positions differ")
+    if tail_counts.shape[:-1] != top_ids.shape[:-1]:
+        raise StoreError(f"hybrid tail {tail_counts.shape[:-1]} and top-k {top_ids.shape[:-1]} positions differ")
     used = np.concatenate([np.ones(top_ids.shape, bool), tail_counts > 0], -1)
     _check_unique(np.concatenate([top_ids, tail_ids], -1).astype(np.int64), used, "hybrid tail_ids and ids")
     return {**out, **_encode_counts(tail_ids, tail_counts, vocab_size, "tail_")}
@@ -323,7 +327,10 @@ def decode_signal(arrays: dict[str, np.ndarray], params: dict) -> dict[str, np.n
         return {"ids": ids, "logprobs": logprobs, "lognorm": lognorm}
     logprobs = _decode_values(arrays, value_encoding)                                              # (n, T, k)
     ids = decode_ids(arrays["ids"], vocab_size, logprobs.shape[-1])                                 # (n, T, k)
-    lognorm = arrays["lognorm"].astype(np.float32)                                                  # (n, T)
+    if "lognorm" in arrays or kind == "topk":  # topk always stores it; sampled kinds only when asked to
+        lognorm = arrays["lognorm"].astype(np.float32)                                              # (n, T)
+    else:
+        lognorm = np.zeros(logprobs.shape[:-1], np.float32)
     if kind == "topk":
         return {"ids": ids, "logprobs": logprobs, "lognorm": lognorm}
     residual = np.clip(1.0 - np.exp(logprobs).sum(-1, dtype=np.float64), 0.0, 1.0)                  # (n, T)
@@ -383,7 +390,8 @@ def stored_arrays(params: dict) -> dict[str, tuple[str, int | str | None]]:
             out.update(top1=("float32", None), scale=("float16", None), steps=("uint8", k - 1))
         else:
             out["logprobs"] = (encoding, k)
-        out["lognorm"] = ("float32", None)
+        if kind == "topk":  # the sampled kinds' estimates sum to 1 without it: optional there
+            out["lognorm"] = ("float32", None)
     if kind == "sample":
         out.update(ids=(id_dt, ROWS), counts=("uint8", ROWS))
     if kind == "hybrid":

@@ -95,7 +95,7 @@ def array_problems(m: Manifest, count: int, arrays: dict[str, np.ndarray], where
     if expected is None:
         return []
     out = []
-    optional = {"lognorm"} if m.params.get("signal") == "sample" else set()
+    optional = {"lognorm"} if m.params.get("signal") in ("sample", "hybrid") else set()
     for name in sorted(set(arrays) - set(expected) - optional):
         out.append(f"{where}: unexpected array {name!r}")
     widths = {}

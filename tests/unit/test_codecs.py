@@ -124,6 +124,13 @@ def test_hybrid_round_trip_exact_peaks_and_unbiased_tail_weights(encoding):
     tail_ids, tail_counts = _draws(rng, n_draws=10, exclude=sig["ids"])
     arrays = encode_signal("hybrid", {**sig, "tail_ids": tail_ids, "tail_counts": tail_counts}, 1000, encoding)
     out = decode_signal(arrays, signal_params("hybrid", 1000, encoding, k=6, samples=10))
+    np.testing.assert_allclose(out["lognorm"], sig["lognorm"])  # kept when given
+    without = encode_signal("hybrid", {**sig, "lognorm": None, "tail_ids": tail_ids, "tail_counts": tail_counts},
+                            1000, encoding)
+    assert "lognorm" not in without  # what precompute writes: the estimate sums to 1 without it
+    lean = decode_signal(without, signal_params("hybrid", 1000, encoding, k=6, samples=10))
+    np.testing.assert_array_equal(lean["lognorm"], np.zeros((3, 5), np.float32))
+    np.testing.assert_array_equal(lean["logprobs"], out["logprobs"])
     m = (tail_counts > 0).sum(-1).max()
     assert out["ids"].shape == (3, 5, 6 + m)
     np.testing.assert_array_equal(out["ids"][..., :6], sig["ids"])
