@@ -9,17 +9,22 @@ On the default teacher and a slice of the default corpus, for each signal kind a
       for the same budget on each kind (a subset of the kinds), against a student trained on the full dense
       teacher logits (online-KD reference: the logits are kept in memory for this small slice);
   (4) encode and decode throughput (tokens/s, one thread), and read + decode from the store.
-Writes runs/bench/cache.json and runs/bench/cache.md. Usage: python -m benchmarks.cache [--steps 40] [--quick]
+Writes runs/bench/cache.json and runs/bench/cache.md. Usage: python -m benchmarks.cache [--steps 120] [--quick]
+
+Every trained student's measurements are kept in OUT/cache-students/<kind>.json with the setup they were made
+under, and reused by a later run with the same setup: on a crowded machine students can be trained by parallel
+processes (`--only "sample N=32,topk-16"`), and a final plain run writes the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +38,13 @@ from stages.models import build_student, load_teacher
 from stages.schedules import WarmupCosineLR
 from stages.signals import concat_signals, extract_signal, shard_generator, sparse_target
 from stages.train import student_logits
-from storage import Manifest, Store, decode_signal, encode_signal, make_layout
+from storage import Manifest, Store, decode_signal, encode_signal, make_layout, read_shard
 
 OUT = Path("runs/bench")
 TEACHER = "default"
 STUDENT = "layerdrop:4"
 DENSE = "dense (full logits)"
+SEED = 0
 
 
 @dataclass(frozen=True)
@@ -48,23 +54,33 @@ class Kind:
     k: int | None = None
     samples: int | None = None
     value_encoding: str = "float16"
-    train: int = 0              # > 0: part of the (expensive) student comparison (3), trained in this order
+    train: bool = False         # part of the (expensive) student comparison (3)
+    seed: int = SEED            # the sampling seed (sampled kinds)
+    draws: str = "iid"          # iid | systematic (sampled kinds)
+    tail: str = "bucket"        # the student's tail mode (top-k kinds)
 
 
 KINDS = [
-    Kind("topk-8", "topk", k=8),
-    Kind("topk-8 int8", "topk", k=8, value_encoding="int8", train=3),
-    Kind("topk-16", "topk", k=16, train=1),
+    Kind("topk-8", "topk", k=8, train=True),
+    Kind("topk-8 int8", "topk", k=8, value_encoding="int8", train=True),
+    Kind("topk-16", "topk", k=16, train=True),
+    Kind("topk-16 renorm", "topk", k=16, train=True, tail="renorm"),
     Kind("topk-16 int8", "topk", k=16, value_encoding="int8"),
-    Kind("topk-64", "topk", k=64),
-    Kind("topk-64 int8", "topk", k=64, value_encoding="int8"),
-    Kind("sample N=16", "sample", samples=16, train=4),
-    Kind("sample N=50", "sample", samples=50, train=2),
-    Kind("hybrid 4+16", "hybrid", k=4, samples=16),
-    Kind("hybrid 4+16 int8", "hybrid", k=4, samples=16, value_encoding="int8", train=5),
+    Kind("topk-64", "topk", k=64, train=True),
+    Kind("sample N=16", "sample", samples=16, train=True),
+    Kind("sample N=24", "sample", samples=24, train=True),
+    Kind("sample N=32", "sample", samples=32, train=True),
+    Kind("sample N=32 seed 1", "sample", samples=32, train=True, seed=1),
+    Kind("sample N=50", "sample", samples=50, train=True),
+    Kind("sample N=16 systematic", "sample", samples=16, train=True, draws="systematic"),
+    Kind("sample N=24 systematic", "sample", samples=24, train=True, draws="systematic"),
+    Kind("sample N=32 systematic", "sample", samples=32, train=True, draws="systematic"),
+    Kind("hybrid 2+8 int8", "hybrid", k=2, samples=8, value_encoding="int8", train=True),
+    Kind("hybrid 4+16 int8", "hybrid", k=4, samples=16, value_encoding="int8"),
+    Kind("hybrid 2+16 int8 systematic", "hybrid", k=2, samples=16, value_encoding="int8", train=True,
+         draws="systematic"),
     Kind("hybrid 8+32", "hybrid", k=8, samples=32),
 ]
-SEED = 0
 
 
 def _median_rate(fn, n_tokens: int, repeats: int = 3) -> float:
@@ -99,7 +115,7 @@ def write_store(kind: Kind, logits: torch.Tensor, vocab: int, path: Path, shard_
     """The signal of `kind` for every train sequence, as real shards; returns the store and encode tokens/s
     (encode_signal alone, median over shards)."""
     n = logits.shape[0]
-    params = {"signal": kind.signal, "k": kind.k, "samples": kind.samples, "seed": SEED,
+    params = {"signal": kind.signal, "k": kind.k, "samples": kind.samples, "seed": kind.seed, "draws": kind.draws,
               "value_encoding": kind.value_encoding, "temperature": 1.0, "vocab_size": vocab,
               "seq_len": logits.shape[1], "teacher": TEACHER, "source": "teacher"}
     manifest = Manifest(kind="signals", backend="zarr", fingerprints={"teacher": "bench"}, params=params,
@@ -107,8 +123,8 @@ def write_store(kind: Kind, logits: torch.Tensor, vocab: int, path: Path, shard_
     store = Store.create(path, manifest, overwrite=True)
     rates = []
     for rec in manifest.layout:
-        generator = shard_generator(SEED, rec.name) if kind.signal != "topk" else None
-        parts = [extract_signal(kind.signal, logits[i:i + batch_size], kind.k, kind.samples, generator)
+        generator = shard_generator(kind.seed, rec.name) if kind.signal != "topk" else None
+        parts = [extract_signal(kind.signal, logits[i:i + batch_size], kind.k, kind.samples, generator, kind.draws)
                  for i in range(rec.start, rec.start + rec.count, batch_size)]
         arrays = concat_signals(kind.signal, parts)
         start = time.perf_counter()
@@ -194,25 +210,25 @@ def train_student(batches, steps: int, tc: TrainConfig, spec: ObjectiveSpec):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train-sequences", type=int, default=32)
-    ap.add_argument("--val-sequences", type=int, default=12)
+    ap.add_argument("--train-sequences", type=int, default=256)
+    ap.add_argument("--val-sequences", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny slice, 2 steps, 3 kinds")
+    ap.add_argument("--only", help="comma-separated kind labels (and/or 'dense'): train only these students, "
+                    "then stop (their results are reused by a later full run)")
     ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--students", help="comma-separated kind labels: train only these students, from the stores a "
-                    "full run left in OUT/cache-work (no dense reference), into OUT/cache-students.json")
-    ap.add_argument("--merge", action="store_true", help="add the students of OUT/cache-students.json to "
-                    "OUT/cache.json (those it lacks) and rewrite cache.md")
     args = ap.parse_args(argv)
-    if args.merge:
-        return merge_students(Path(args.out))
     kinds = KINDS
     if args.quick:
         args.train_sequences, args.val_sequences, args.steps = 16, 4, 2
-        kinds = [k for k in KINDS if k.label in ("topk-16", "sample N=16", "hybrid 4+16")]
+        kinds = [replace(k, train=True) for k in KINDS if k.label in ("topk-16", "sample N=16", "hybrid 2+8 int8")]
+    only = [label.strip() for label in args.only.split(",")] if args.only else None
+    unknown = sorted(set(only or []) - {k.label for k in kinds} - {"dense"})
+    if unknown:
+        raise SystemExit(f"bench-cache: unknown kind(s) {unknown}: use labels from {[k.label for k in kinds]} or dense")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     work = out / "cache-work"
@@ -220,8 +236,7 @@ def main(argv=None):
 
     # ---- data and the full teacher --------------------------------------------------------------------
     cfg = Config(run_dir=str(work), prepare=PrepareConfig(seq_len=args.seq_len, max_train_sequences=args.train_sequences,
-                                                          max_validation_sequences=args.val_sequences,
-                                                          shard_sequences=16))
+                                                          max_validation_sequences=args.val_sequences))
     tokens = prepare.run(cfg, overwrite=True)
     split = {s: [r for r in tokens.manifest.layout if r.split == s] for s in ("train", "validation")}
     arrays = {s: {k: np.concatenate([tokens.read_shard(r.name)[k] for r in recs]) for k in ("input_ids", "loss_mask")}
@@ -229,24 +244,6 @@ def main(argv=None):
     teacher = load_teacher(TEACHER)
     vocab = teacher.config.vocab_size
     t0 = time.perf_counter()
-    if args.students:  # a second process for some students: the stores exist, the dense reference is not needed
-        val_logits = teacher_logits(teacher, arrays["validation"]["input_ids"])  # (m, T, V)
-        del teacher
-        labels = [label.strip() for label in args.students.split(",")]
-        decoded = {label: read_decoded(Store.open(work / "signals" / label.replace(" ", "_"))) for label in labels}
-        train_ids = torch.from_numpy(arrays["train"]["input_ids"].astype(np.int64))
-        train_mask = torch.from_numpy(arrays["train"]["loss_mask"].astype(bool))
-        val_ids = torch.from_numpy(arrays["validation"]["input_ids"].astype(np.int64))
-        val_mask = torch.from_numpy(arrays["validation"]["loss_mask"].astype(bool))
-        students = {}
-        for label in labels:
-            model, step_s = train_student(_batches(label, decoded, None, train_ids, train_mask, args), args.steps,
-                                          TrainConfig(), ObjectiveSpec(name="kl", tail="bucket"))
-            students[label] = {**evaluate(model, val_ids, val_mask, val_logits), "seconds_per_step": step_s}
-            print(f"bench-cache: student {label}: KL {students[label]['kl_teacher']:.4f}", flush=True)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "cache-students.json").write_text(json.dumps({"students": students, "steps": args.steps}, indent=1))
-        return None
     train_logits = teacher_logits(teacher, arrays["train"]["input_ids"])     # (n, T, V)
     val_logits = teacher_logits(teacher, arrays["validation"]["input_ids"])  # (m, T, V)
     teacher_tok_s = (train_logits.shape[0] + val_logits.shape[0]) * args.seq_len / (time.perf_counter() - t0)
@@ -257,74 +254,104 @@ def main(argv=None):
     val_ids = torch.from_numpy(arrays["validation"]["input_ids"].astype(np.int64))
     val_mask = torch.from_numpy(arrays["validation"]["loss_mask"].astype(bool))
     n_positions = train_ids.numel()
-
-    # fixed student for the gradient fidelity: the untrained layerdrop student, on 4 batches of train data
-    probe = build_student(STUDENT, TEACHER, seed=0).eval()
-    fid_batches = [slice(i, i + args.batch_size) for i in range(0, min(len(train_ids), 4 * args.batch_size),
-                                                                 args.batch_size)]
-    fid_pos = [_positions(train_ids[b], train_mask[b])[0] for b in fid_batches]
-    with torch.no_grad():
-        fid_student = [student_logits(probe, train_ids[b], p) for b, p in zip(fid_batches, fid_pos)]
-    fid_teacher = [train_logits[b].flatten(0, 1)[p] for b, p in zip(fid_batches, fid_pos)]
-    del probe
+    tc = TrainConfig()
+    setup = {"teacher": "SmolLM2-135M-Instruct", "student": STUDENT, "corpus": "default (pydoc topics)",
+             "train_sequences": int(len(train_ids)), "val_sequences": int(len(val_ids)), "seq_len": args.seq_len,
+             "steps": args.steps, "batch_size": args.batch_size, "loss": "kl", "lr": tc.lr, "data_order_seed": SEED}
 
     # ---- (1), (2), (4) for every kind -------------------------------------------------------------------
+    fid = fidelity_probe(train_ids, train_mask, train_logits, args.batch_size) if only is None else None
     results, decoded = [], {}
     for kind in kinds:
-        store, encode_rate = write_store(kind, train_logits, vocab, work / "signals" / kind.label.replace(" ", "_"),
-                                         shard_sequences=16)
-        raw = [store.read_shard(r.name) for r in store.manifest.shards]
-        torch.set_num_threads(1)
-        decode_rate = _median_rate(lambda: [decode_signal(a, store.manifest.params) for a in raw], n_positions)
-        read_rate = _median_rate(lambda: [decode_signal(store.read_shard(r.name, verify=False), store.manifest.params)
-                                          for r in store.manifest.shards], n_positions)
-        torch.set_num_threads(args.threads)
-        sig = read_decoded(store)
-        decoded[kind.label] = sig
-        logprobs = sig["sig_logprobs"]                                         # (n, T, C)
-        used = np.isfinite(logprobs)
-        row = {"label": kind.label, "signal": kind.signal, "k": kind.k, "samples": kind.samples,
-               "value_encoding": kind.value_encoding, "bytes_per_token": store.nbytes() / n_positions,
-               "entries_per_position": float(used.sum(-1).mean()), "width": int(logprobs.shape[-1]),
-               "encode_tok_s": encode_rate, "decode_tok_s": decode_rate, "read_decode_tok_s": read_rate}
-        if kind.signal in ("topk", "hybrid"):  # exact teacher mass on the top-k part
-            row["topk_mass"] = float(np.exp(logprobs[..., :kind.k].astype(np.float64)).sum(-1).mean())
-        targets = [sparse_target(*(torch.from_numpy(sig[k][b]) for k in ("sig_ids", "sig_logprobs", "sig_lognorm")))[p]
-                   for b, p in zip(fid_batches, fid_pos)]
-        for tail in ("bucket", "renorm"):
-            row[f"grad_{tail}"] = gradient_fidelity(fid_student, fid_teacher, targets, tail)
-        results.append(row)
-        print(f"bench-cache: {kind.label}: {row['bytes_per_token']:.1f} B/token, "
-              f"angle bucket {row['grad_bucket']['angle_deg']:.2f} deg, decode {decode_rate / 1e6:.2f} M tok/s",
-              flush=True)
+        if only is not None and kind.label not in only:
+            continue
+        store, encode_rate = write_store(kind, train_logits, vocab, work / "signals" / slug(kind.label),
+                                         shard_sequences=PrepareConfig().shard_sequences)
+        decoded[kind.label] = read_decoded(store)
+        if only is None:
+            results.append(measure_kind(kind, store, decoded[kind.label], encode_rate, n_positions, fid, args.threads))
 
-    # ---- (3) students trained on a subset of kinds vs the dense reference --------------------------------
-    tc = TrainConfig()
-    spec = ObjectiveSpec(name="kl", tail="bucket", chunk_size=tc.chunk_size)
-    n_train = len(train_ids)
-
-    def batches_for(label: str | None):
-        return _batches(label, decoded, train_logits, train_ids, train_mask, args)
-
+    if only is not None and "dense" not in only:
+        train_logits = None  # only the dense student needs the full logits after this: free ~6 GB
+    # ---- (3) students on the kinds marked train, against the dense reference -----------------------------
     untrained = evaluate(build_student(STUDENT, TEACHER, seed=0), val_ids, val_mask, val_logits)
-    report = {"machine": {"cpu_threads": args.threads, "cores": "2 CPU cores, shared with other jobs, no GPU",
-                          "torch": torch.__version__, "python": platform.python_version()},
-              "setup": {"teacher": "SmolLM2-135M-Instruct", "student": STUDENT, "corpus": "default (pydoc topics)",
-                        "train_sequences": int(n_train), "val_sequences": int(len(val_ids)), "seq_len": args.seq_len,
-                        "steps": args.steps, "batch_size": args.batch_size, "loss": "kl", "tail": "bucket",
-                        "lr": tc.lr, "seed": SEED, "teacher_tok_s": teacher_tok_s},
-              "untrained_student": untrained, "students": {}, "kinds": results}
-    trained = sorted((k for k in kinds if k.train or args.quick), key=lambda k: k.train)
-    for label in [None] + [k.label for k in trained]:
-        name = label or DENSE
-        model, step_s = train_student(batches_for(label), args.steps, tc, spec)
-        report["students"][name] = {**evaluate(model, val_ids, val_mask, val_logits), "seconds_per_step": step_s}
-        print(f"bench-cache: student {name}: KL {report['students'][name]['kl_teacher']:.4f}, "
-              f"ppl {report['students'][name]['perplexity']:.2f} ({step_s:.1f} s/step)", flush=True)
+    report = {"machine": machine(args.threads), "setup": setup, "untrained_student": untrained, "students": {},
+              "kinds": results}
+    students_dir = out / "cache-students"
+    trained = [None] + [k for k in kinds if k.train]
+    for kind in trained:
+        label = kind.label if kind else DENSE
+        if only is not None and (kind.label if kind else "dense") not in only:
+            continue
+        key = {**setup, "kind": None if kind is None else asdict(kind)}
+        path = students_dir / f"{slug(label)}.json"
+        saved = json.loads(path.read_text()) if path.exists() else None
+        if saved is not None and saved["key"] == key:
+            report["students"][label] = saved["result"]
+            print(f"bench-cache: student {label}: reusing {path}", flush=True)
+            continue
+        spec = ObjectiveSpec(name="kl", tail=kind.tail if kind else "bucket", chunk_size=tc.chunk_size)
+        batches = _batches(kind.label if kind else None, decoded, train_logits, train_ids, train_mask, args)
+        model, step_s = train_student(batches, args.steps, tc, spec)
+        result = {**evaluate(model, val_ids, val_mask, val_logits), "seconds_per_step": step_s}
         del model
-        report["seconds"] = time.perf_counter() - t_start
-        write_report(report, out)  # after every student: a late kill keeps what was measured
+        students_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "result": result}, indent=1))  # a late kill keeps what was measured
+        report["students"][label] = result
+        print(f"bench-cache: student {label}: KL {result['kl_teacher']:.4f}, ppl {result['perplexity']:.2f} "
+              f"({step_s:.1f} s/step)", flush=True)
+    if only is not None:
+        return None
+    report["seconds"] = time.perf_counter() - t_start
+    write_report(report, out)
     print(markdown(report))
+
+
+def slug(label: str) -> str:
+    return label.replace(" ", "_").replace("=", "").replace("+", "-").replace("(", "").replace(")", "")
+
+
+def machine(threads: int) -> dict:
+    return {"cpu_threads": threads, "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "load_average_at_end": os.getloadavg()[0], "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def fidelity_probe(train_ids, train_mask, train_logits, batch_size: int) -> dict:
+    """A fixed student distribution for the gradient fidelity: the untrained layerdrop student on 4 train
+    batches, its logits and the full teacher logits at the loss positions."""
+    probe = build_student(STUDENT, TEACHER, seed=0).eval()
+    batches = [slice(i, i + batch_size) for i in range(0, min(len(train_ids), 4 * batch_size), batch_size)]
+    positions = [_positions(train_ids[b], train_mask[b])[0] for b in batches]
+    with torch.no_grad():
+        student = [student_logits(probe, train_ids[b], p) for b, p in zip(batches, positions)]
+    teacher = [train_logits[b].flatten(0, 1)[p] for b, p in zip(batches, positions)]
+    return {"batches": batches, "positions": positions, "student": student, "teacher": teacher}
+
+
+def measure_kind(kind: Kind, store: Store, sig: dict, encode_rate: float, n_positions: int, fid: dict,
+                 threads: int) -> dict:
+    """Bytes per token, decode speeds (one thread) and fidelity to the full teacher of one kind's store."""
+    raw = [store.read_shard(r.name) for r in store.manifest.shards]
+    torch.set_num_threads(1)
+    decode_rate = _median_rate(lambda: [decode_signal(a, store.manifest.params) for a in raw], n_positions)
+    read_rate = _median_rate(lambda: [read_shard(store, r.name) for r in store.manifest.shards], n_positions)
+    torch.set_num_threads(threads)
+    logprobs = sig["sig_logprobs"]                                             # (n, T, C)
+    used = np.isfinite(logprobs)
+    row = {"label": kind.label, "signal": kind.signal, "k": kind.k, "samples": kind.samples, "seed": kind.seed,
+           "value_encoding": kind.value_encoding, "tail": kind.tail, "bytes_per_token": store.nbytes() / n_positions,
+           "entries_per_position": float(used.sum(-1).mean()), "width": int(logprobs.shape[-1]),
+           "encode_tok_s": encode_rate, "decode_tok_s": decode_rate, "read_decode_tok_s": read_rate}
+    if kind.signal in ("topk", "hybrid"):  # exact teacher mass on the top-k part
+        row["topk_mass"] = float(np.exp(logprobs[..., :kind.k].astype(np.float64)).sum(-1).mean())
+    targets = [sparse_target(*(torch.from_numpy(sig[k][b]) for k in ("sig_ids", "sig_logprobs", "sig_lognorm")))[p]
+               for b, p in zip(fid["batches"], fid["positions"])]
+    for tail in ("bucket", "renorm"):
+        row[f"grad_{tail}"] = gradient_fidelity(fid["student"], fid["teacher"], targets, tail)
+    print(f"bench-cache: {kind.label}: {row['bytes_per_token']:.1f} B/token, "
+          f"angle bucket {row['grad_bucket']['angle_deg']:.2f} deg, decode {decode_rate / 1e6:.2f} M tok/s", flush=True)
+    return row
 
 
 def _batches(label: str | None, decoded: dict, train_logits: torch.Tensor | None, train_ids: torch.Tensor,
@@ -346,17 +373,6 @@ def _batches(label: str | None, decoded: dict, train_logits: torch.Tensor | None
                                  for k in ("sig_ids", "sig_logprobs", "sig_lognorm")))[positions]
         return ids, positions, labels, target
     return batch
-
-
-def merge_students(out: Path) -> None:
-    report = json.loads((out / "cache.json").read_text())
-    extra = json.loads((out / "cache-students.json").read_text())
-    if extra["steps"] != report["setup"]["steps"]:
-        raise SystemExit(f"cache-students.json trained {extra['steps']} steps, cache.json {report['setup']['steps']}")
-    for label, student in extra["students"].items():
-        report["students"].setdefault(label, {**student, "separate_process": True})
-    write_report(report, out)
-    print(markdown(report))
 
 
 def write_report(report: dict, out: Path) -> None:

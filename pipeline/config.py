@@ -15,6 +15,7 @@ from pipeline.errors import KdcacheError
 
 BACKENDS = ("zarr", "arrow")  # storage backends (storage/_zarr.py, storage/_arrow.py)
 SIGNAL_KINDS = ("topk", "sample", "hybrid")  # what precompute caches per position (stages/signals.py)
+SAMPLE_DRAWS = ("iid", "systematic")          # how the sampled kinds draw (stages/signals.py)
 COMMITTEE_WEIGHTS = ("learned", "uniform", "fixed", "confidence")
 TEACHER_SOURCE = "teacher"  # the name of the teacher's signal store; other sources are named by the user
 
@@ -65,6 +66,8 @@ class PrecomputeConfig:
     signal: str = "topk"               # topk (exact top-k) | sample (N draws, RS-KD) | hybrid (top-k + N tail draws)
     k: int = 16                        # top-k support size per position (topk, hybrid)
     samples: int = 50                  # N draws per position (sample, hybrid), 1..255 (counts are uint8)
+    draws: str = "iid"                 # how N draws are made (sample, hybrid): iid (RS-KD) | systematic (N evenly spaced
+                                       # quantiles, one uniform per position: same unbiased counts, lower variance)
     seed: int = 0                      # sampling seed; each shard draws from its own stream seeded by (seed, shard name)
     value_encoding: str = "float16"    # how support log-probs are stored: float16 | float32 | int8 (8-bit deltas from the top-1)
     batch_size: int = 8
@@ -90,6 +93,7 @@ class PrecomputeConfig:
             _check(name.strip() not in names, f"precompute.members name {name.strip()!r} is used twice")
             names.append(name.strip())
         _check(self.signal in SIGNAL_KINDS, f"precompute.signal {self.signal!r} is not one of {', '.join(SIGNAL_KINDS)}")
+        _check(self.draws in SAMPLE_DRAWS, f"precompute.draws {self.draws!r} is not one of {', '.join(SAMPLE_DRAWS)}")
         _check(self.k >= 1, f"precompute.k must be >= 1, got {self.k}")
         _check(1 <= self.samples <= 255, f"precompute.samples must be in 1..255 (counts are stored as uint8), got {self.samples}")
         _check(self.value_encoding in ("float16", "float32", "int8"),

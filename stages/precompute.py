@@ -60,7 +60,8 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, b
     with torch.inference_mode():
         for i in range(0, len(input_ids), batch_size):
             logits = model(input_ids[i:i + batch_size].to(device)).logits     # (b, T, V)
-            parts.append(extract_signal(kind, logits, params["k"], params["samples"], generator))
+            parts.append(extract_signal(kind, logits, params["k"], params["samples"], generator,
+                                        params.get("draws") or "iid"))  # stores from before `draws`: iid
             del logits
     arrays = concat_signals(kind, parts)                                      # (n, T, ...) padded to the shard's M
     record = signals.write_shard(name, encode_signal(kind, arrays, params["vocab_size"], params["value_encoding"]))
@@ -88,16 +89,18 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
         raise KdcacheError(f"precompute.k={pc.k} leaves no tail to sample in the {source}'s vocabulary "
                            f"({vocab_size}): use signal topk or a smaller k")
     sampled = pc.signal != "topk"
+    params = {"signal": pc.signal, "k": pc.k if pc.signal != "sample" else None,
+              "samples": pc.samples if sampled else None, "seed": pc.seed if sampled else None,
+              "value_encoding": pc.value_encoding, "temperature": 1.0,
+              "vocab_size": vocab_size, "seq_len": tokens.manifest.params["seq_len"], "teacher": model,
+              "source": source}
+    if sampled:  # only there: a topk store's params (and so its fingerprint) stay what they were before `draws`
+        params["draws"] = pc.draws
     return Manifest(
         kind="signals", backend=pc.backend,
         fingerprints={"teacher": model_fingerprint(model), "tokenizer": model_tok,
                       "token_store": tokens.manifest.fingerprint()},
-        params={"signal": pc.signal, "k": pc.k if pc.signal != "sample" else None,
-                "samples": pc.samples if sampled else None, "seed": pc.seed if sampled else None,
-                "value_encoding": pc.value_encoding, "temperature": 1.0,
-                "vocab_size": vocab_size, "seq_len": tokens.manifest.params["seq_len"], "teacher": model,
-                "source": source},
-        layout=tokens.manifest.layout,
+        params=params, layout=tokens.manifest.layout,
     )
 
 

@@ -29,6 +29,7 @@ def test_yaml_then_overrides(tmp_path):
     (["precompute.samples=0"], "precompute.samples must be in 1..255"),
     (["precompute.samples=256"], "precompute.samples must be in 1..255"),
     (["precompute.value_encoding=int4"], "precompute.value_encoding 'int4' is not one of"),
+    (["precompute.draws=stratified"], "precompute.draws 'stratified' is not one of iid, systematic"),
     (["train.tail=cut"], "train.tail 'cut' is not one of"),
     (["prepare.seq_len"], "use section.field=value"),
     (["train.taid_t_start=0.9", "train.taid_t_end=0.5"], "need 0 <= t_start <= t_end <= 1"),

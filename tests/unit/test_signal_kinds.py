@@ -41,6 +41,36 @@ def test_sample_frequencies_estimate_the_teacher_distribution():
     assert ((freq - p).abs() <= 5 * sigma + 1e-4).all()
 
 
+def test_systematic_counts_are_floor_or_ceil_of_n_p_and_unbiased():
+    logits = torch.randn(4000, V) * 2                                          # (R, V) many positions
+    ids, counts = sample_signal(logits, 24, shard_generator(0, "s"), draws="systematic")
+    assert (counts.sum(-1) == 24).all()
+    per_id = torch.zeros(4000, V, dtype=torch.long).scatter_add_(-1, ids, counts)  # (R, V)
+    expected = 24 * torch.softmax(logits.double(), -1)                          # (R, V)
+    assert ((per_id - expected).abs() < 1 + 1e-6).all()  # every id: floor(N p) or ceil(N p), never further
+    assert (per_id[expected >= 1] > 0).all()             # so an id with p >= 1/N is always drawn
+    # unbiased: over the rows, the mean count of each id matches N p within the sampling error of a mean
+    bias = (per_id.double() - expected).mean(0)                                   # (V,)
+    assert bias.abs().max() < 5 * 0.5 / 4000 ** 0.5
+    iid = sample_signal(logits, 24, shard_generator(0, "s"))
+    iid_per_id = torch.zeros(4000, V, dtype=torch.long).scatter_add_(-1, iid[0], iid[1])
+    spread = lambda c: float(((c.double() - expected) ** 2).mean())               # noqa: E731
+    assert spread(per_id) < 0.5 * spread(iid_per_id)  # the point of it: far less noise than iid draws
+
+
+def test_systematic_draws_are_seeded_and_reach_the_hybrid_tail():
+    logits = torch.randn(2, 5, V)
+    a = sample_signal(logits, 16, shard_generator(0, "train-00001"), draws="systematic")
+    b = sample_signal(logits, 16, shard_generator(0, "train-00001"), draws="systematic")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    *_, tail_ids, tail_counts = hybrid_signal(logits, 3, 16, shard_generator(0, "x"), draws="systematic")
+    top = logits.topk(3, -1).indices
+    assert (tail_counts.sum(-1) == 16).all()
+    assert not ((tail_ids[..., :, None] == top[..., None, :]).any(-1) & (tail_counts > 0)).any()
+    with pytest.raises(ValueError, match="unknown draws"):
+        sample_signal(logits, 16, shard_generator(0, "x"), draws="stratified")
+
+
 def test_hybrid_is_exact_topk_plus_draws_from_the_residual_only():
     logits = torch.randn(2, 3, V) * 2
     ids, logprobs, lognorm, tail_ids, tail_counts = hybrid_signal(logits, 5, 20_000, shard_generator(0, "x"))
