@@ -29,7 +29,7 @@ BASE = {
     "prepare.shard_sequences": 16,
     "precompute.k": 16, "precompute.scheduler": "sync", "precompute.batch_size": 8,
     "train.student": "layerdrop:3", "train.max_steps": 20, "train.batch_size": 2, "train.lr": 1e-3,
-    "train.warmup_steps": 2, "train.checkpoint_every": 20, "train.log_every": 10,
+    "train.warmup_steps": 2, "train.checkpoint_every": 20,
     "evaluate.batch_size": 8,
     # a coarser grid than the default 0.1..0.9 (scoring cost), 0.85 instead of 0.9: the 90% slice would be just
     # below the student's own size (the floor min_size_over_student=1 excludes it)

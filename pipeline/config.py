@@ -141,7 +141,6 @@ class TrainConfig:
     precision: str = "auto"            # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
     prefetch: int = 4                  # batches read ahead in a background thread
     chunk_size: int = 1024             # positions per loss chunk
-    log_every: int = 10
     output: str = "student"            # the student's folder inside the run: RUN/<output> (e.g. a complementary teacher)
     # teaching committee: the sources the student learns from at once (empty: the single source train.source)
     committee: list[str] = field(default_factory=list)
@@ -167,7 +166,7 @@ class TrainConfig:
         _check(self.tail in ("bucket", "renorm", "uniform"), f"train.tail {self.tail!r} is not one of bucket, renorm, uniform")
         _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
-        for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "chunk_size", "log_every"):
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "chunk_size"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.precision in ("auto", "bf16", "fp32"), f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
         _check(self.prefetch >= 0, f"train.prefetch must be >= 0, got {self.prefetch}")
@@ -270,7 +269,11 @@ class Config:
 
     @property
     def eval_dir(self) -> Path:
-        return Path(self.run_dir) / "eval"
+        """RUN/eval for the default student; RUN/<train.output>/eval for another one, so evaluating a second
+        student (e.g. a complementary teacher) does not overwrite the first one's metrics."""
+        if self.train.output == TrainConfig.output:
+            return Path(self.run_dir) / "eval"
+        return self.student_dir / "eval"
 
     @property
     def assistants_dir(self) -> Path:

@@ -22,7 +22,7 @@ STAGES_DIR = ".stages"
 # fields that change how a stage runs, not what it produces
 EXECUTION_ONLY = {
     "precompute": {"scheduler", "workers", "threads_per_worker", "retries"},
-    "train": {"log_every", "prefetch", "checkpoint_every", "keep_checkpoints"},
+    "train": {"prefetch", "checkpoint_every", "keep_checkpoints"},
 }
 
 

@@ -381,7 +381,9 @@ def metrics_section(root: Path) -> Section | None:
     rows = [["run", "student", "KL(teacher‖student)", "top-1 agreement", "top-5 order agreement", "perplexity"]]
     for path in files:
         metrics = read_json(path)
-        run = student_label(path.parent.parent / metrics["config"].get("output", STUDENT_DIR), root)
+        output, above = metrics["config"].get("output", STUDENT_DIR), path.parent.parent
+        # RUN/eval belongs to the default student, RUN/<train.output>/eval to another one
+        run = student_label(above if above.name == output else above / output, root)
         for name, m in metrics["students"].items():
             rows.append([run, name, f"{m['kl_teacher']:.4f}",
                          f"{m['top1_agreement']:.2%}", f"{m['top5_order_agreement']:.2%}", f"{m['perplexity']:.2f}"])

@@ -83,7 +83,7 @@ def tiny_overrides(run_dir: Path, teacher: Path, **extra) -> list[str]:
         "precompute.teacher": str(teacher), "precompute.k": 8, "precompute.scheduler": "sync",
         "precompute.batch_size": 4,
         "train.student": "layerdrop:2", "train.max_steps": 6, "train.batch_size": 4, "train.warmup_steps": 1,
-        "train.checkpoint_every": 2, "train.lr": 3e-3, "train.log_every": 1, "train.prefetch": 2,
+        "train.checkpoint_every": 2, "train.lr": 3e-3, "train.prefetch": 2,
         "evaluate.batch_size": 4,
     }
     base.update(extra)

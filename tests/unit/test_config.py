@@ -1,4 +1,6 @@
 """Typed configs: defaults, YAML, overrides, validation with one-line messages."""
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import Config, load_config
@@ -107,3 +109,8 @@ def test_cli_no_adaptive_sets_linear_taid(tmp_path, monkeypatch, capsys):
     assert [(tc.loss, tc.taid_adaptive) for tc in seen] == [("taid", False), ("taid", True)]
     assert main(["train", "--loss", "kl", "--no-adaptive", *run_dir]) == 2
     assert capsys.readouterr().err.strip() == "kdcache: error: --no-adaptive applies to --loss taid only, not 'kl'"
+
+
+def test_each_student_output_gets_its_own_eval_folder():
+    assert load_config(None, ["run_dir=r"]).eval_dir == Path("r") / "eval"
+    assert load_config(None, ["run_dir=r", "train.output=comp"]).eval_dir == Path("r") / "comp" / "eval"

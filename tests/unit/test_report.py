@@ -44,6 +44,18 @@ def test_students_are_named_by_run_and_train_output(tmp_path):
     assert report.student_label(root / "kl" / "comp", root) == "kl/comp"
 
 
+def test_held_out_metrics_of_each_student_output_are_labelled_by_it(tmp_path):
+    import json
+
+    m = {"kl_teacher": 1.0, "top1_agreement": 0.5, "top5_order_agreement": 0.1, "perplexity": 9.0}
+    for folder, output in (("eval", "student"), ("comp/eval", "comp")):  # RUN/eval and RUN/<train.output>/eval
+        (tmp_path / "run" / folder).mkdir(parents=True)
+        (tmp_path / "run" / folder / "metrics.json").write_text(json.dumps(
+            {"students": {"trained": m}, "config": {"output": output}}))
+    rows = report.metrics_section(tmp_path / "run").table[1:]
+    assert sorted(row[0] for row in rows) == ["comp", "run"]
+
+
 def test_a_log_cut_by_a_kill_is_read_up_to_its_last_whole_line(tmp_path):
     log = tmp_path / "run" / "student" / "metrics.jsonl"
     log.parent.mkdir(parents=True)
