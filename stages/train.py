@@ -106,6 +106,19 @@ def check_student(student, signals: Store, student_spec: str, trust_remote_code:
                                f"{signals.manifest.fingerprints['tokenizer']}: use a student with the teacher's tokenizer")
 
 
+def peaks_note(loss: str, signals: Store) -> str | None:
+    """A warning when an objective built on the teacher's exact distribution shape reads a sampled cache: TAID
+    interpolates teacher logits, which a `sample` cache holds only for the drawn ids (every other id gets
+    probability 0 in its target), and RLKD ranks the teacher's top ids, which count ties blur. A hybrid cache
+    keeps exact top-k peaks."""
+    kind = signals.manifest.params.get("signal", "topk")
+    if kind != "sample" or not (loss == "taid" or loss.startswith("rlkd")):
+        return None
+    return (f"train: warning: train.loss={loss} on the sampled cache {signals.path} (precompute.signal=sample): "
+            f"{loss.split('+')[0].upper()} needs the teacher's exact peaks, which a sampled cache only estimates; "
+            "precompute with -s precompute.signal=topk (or hybrid) for it")
+
+
 def student_hidden(student, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """The last hidden states where the loss is taken: (B, T, H) -> rows at `positions` (N,) -> (N, H).
     The output layer is applied later, chunk by chunk, inside the objective (see output_head)."""
@@ -307,6 +320,10 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
     else:
         tokens, signals = open_stores(cfg, tc.source)
         member_stores = None
+    for store in (member_stores or {"": signals}).values():
+        note = peaks_note(spec.name, store)
+        if note and rank == 0:
+            print(note, flush=True)
     # layerdrop/random students and the saved tokenizer come from the teacher, whichever source the signal is
     teacher_spec = cfg.precompute.teacher
     n_shards = len(tokens.manifest.splits().get("train", []))

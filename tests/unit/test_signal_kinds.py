@@ -218,3 +218,18 @@ def test_sampled_kinds_give_the_dense_gradient_in_expectation(kind):
     # renorm renormalises the student over the drawn ids: biased, it does not converge to q - p
     biased = float((_mean_gradient(target_fn, student, 4096, tail="renorm") - dense).abs().max())
     assert biased > 5 * errors[1]
+
+
+def test_objectives_that_need_exact_peaks_warn_on_a_sampled_cache():
+    from types import SimpleNamespace
+
+    from stages.train import peaks_note
+
+    def store(kind):
+        return SimpleNamespace(path="RUN/signals/teacher", manifest=SimpleNamespace(params={"signal": kind}))
+
+    for loss in ("taid", "rlkd", "rlkd+kl"):
+        note = peaks_note(loss, store("sample"))
+        assert note is not None and "precompute.signal=topk" in note and "\n" not in note
+        assert peaks_note(loss, store("topk")) is None and peaks_note(loss, store("hybrid")) is None
+    assert peaks_note("kl", store("sample")) is None
