@@ -478,10 +478,10 @@ def _train_step(student, optimizer, stream, spec, tc, device, lr_schedule, taid,
             hidden = student_hidden(student, batch["input_ids"], positions)   # (N, H)
         if committee is None:
             out = compute_objective(hidden, target, labels, every, spec, taid_t=taid_t, lm_head=head)
-        else:  # the committee path still builds the (N, V) logits of the micro-batch at once
-            logits = head(hidden)                                              # (N, V)
+        else:
             alpha, log_alpha = committee.weights(hidden, target)               # (N, M), (N, M)
-            out = committee_loss.committee_objective(logits, target, alpha, labels, every, spec, taid_t=taid_t)
+            out = committee_loss.committee_objective(hidden, target, alpha, labels, every, spec, taid_t=taid_t,
+                                                     lm_head=head)
             nll = committee_loss.mixture_nll(log_alpha, committee_loss.label_logprobs(
                 target, labels, committee.vocab_size))                        # the weights' own objective
             if committee.module is not None:

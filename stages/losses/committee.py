@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Callable
 
 import torch
 
@@ -29,12 +30,16 @@ from stages.losses.chunking import chunked_sum
 from stages.losses.divergences import ce_rows
 from stages.losses.targets import SparseTarget, Target, tail_logmass
 
-_LOSS, _KD, _CE, _RANK = range(4)
+_LOSS, _KD, _CE, _RANK, _TOP1, _TOP5 = range(6)
 
 
-def _committee_sums(student_logits: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                    *targets: Target, spec: ObjectiveSpec, taid_t: float | None) -> torch.Tensor:
-    """One chunk's [loss, kd, ce, rank] sums (4,), like `_objective_sums`, with the KD part mixed over members."""
+def _committee_sums(student_out: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                    *targets: Target, spec: ObjectiveSpec, taid_t: float | None,
+                    lm_head: Callable | None = None) -> torch.Tensor:
+    """One chunk's [loss, kd, ce, rank, top1 agree, top5 order agree] sums (6,), like `_objective_sums`, with the
+    KD part mixed over members and the agreement counted against the first member."""
+    student_logits = student_out if lm_head is None else lm_head(student_out)  # (n, V)
+    agree = torch.stack(agreement_counts(student_logits, targets[0], mask))     # (2,)
     if not bool(mask.all()):
         student_logits, weights, labels = student_logits[mask], weights[mask], labels[mask]
         targets = tuple(t[mask] for t in targets)
@@ -51,38 +56,40 @@ def _committee_sums(student_logits: torch.Tensor, weights: torch.Tensor, labels:
         kd_part = kd_part + weights[:, m] * kd_m
         rank_part = rank_part + weights[:, m] * rank_m
     loss = kd_part if spec.ce_weight == 0 else (1 - spec.ce_weight) * kd_part + spec.ce_weight * ce_part
-    return torch.stack([loss.sum(), kd_part.sum(), ce_part.sum(), rank_part.sum()])
+    return torch.cat([torch.stack([loss.sum(), kd_part.sum(), ce_part.sum(), rank_part.sum()]),
+                      agree.to(ce_part.dtype)])
 
 
-def committee_objective(student_logits: torch.Tensor, targets: list[Target], weights: torch.Tensor,
+def committee_objective(student_out: torch.Tensor, targets: list[Target], weights: torch.Tensor,
                         labels: torch.Tensor, mask: torch.Tensor, spec: ObjectiveSpec,
-                        taid_t: float | None = None) -> dict[str, torch.Tensor]:
+                        taid_t: float | None = None, lm_head: Callable | None = None) -> dict[str, torch.Tensor]:
     """The student's committee objective, chunked along positions.
 
-    student_logits (N, V); targets: M teacher targets, each SparseTarget (N, K_m) | logits (N, V); weights (N, M)
-    rows summing to 1 (detached inside); labels (N,); mask (N,) bool. Returns the keys of `compute_objective`:
-    "loss_sum" (with grad), "n_tokens", detached "kd_sum" (the mixed distillation value; TAID's J), "ce_sum",
-    "rank_sum" (rlkd), and "top1_agree" / "top5_order_agree" against the first member (the foundation teacher).
+    student_out: the student's logits (N, V), or with lm_head its hidden states (N, H) and lm_head the output
+    layer (n, H) -> (n, V), so the logits exist one chunk at a time as in `compute_objective`; targets: M teacher
+    targets, each SparseTarget (N, K_m) | logits (N, V); weights (N, M) rows summing to 1 (detached inside);
+    labels (N,); mask (N,) bool. Returns the keys of `compute_objective`: "loss_sum" (with grad), "n_tokens",
+    detached "kd_sum" (the mixed distillation value; TAID's J), "ce_sum", "rank_sum" (rlkd), and "top1_agree" /
+    "top5_order_agree" against the first member (the foundation teacher).
     With one member and weights 1 it equals compute_objective on that member (values and gradients).
     """
     if spec.name == "ce":
         raise ValueError("a committee needs a distillation loss, not 'ce'")
     if spec.base == "taid" and taid_t is None:
         raise ValueError("loss 'taid' needs taid_t (from stages.schedules.TAIDSchedule)")
-    if not targets or weights.shape != (student_logits.shape[0], len(targets)):
-        raise ValueError(f"weights must be (N, M) = ({student_logits.shape[0]}, {len(targets)}), "
+    if not targets or weights.shape != (student_out.shape[0], len(targets)):
+        raise ValueError(f"weights must be (N, M) = ({student_out.shape[0]}, {len(targets)}), "
                          f"got {tuple(weights.shape)}")
     mask = mask.bool()
-    checkpoint = any(keeps_vocab_sized_activations(spec, t, mask) for t in targets)
-    sums = chunked_sum(partial(_committee_sums, spec=spec, taid_t=taid_t), student_logits.shape[0],
-                       spec.chunk_size, student_logits, weights, labels, mask, *targets,
-                       checkpoint_chunks=checkpoint)                           # (4,)
+    checkpoint = lm_head is not None or any(keeps_vocab_sized_activations(spec, t, mask) for t in targets)
+    sums = chunked_sum(partial(_committee_sums, spec=spec, taid_t=taid_t, lm_head=lm_head), student_out.shape[0],
+                       spec.chunk_size, student_out, weights, labels, mask, *targets,
+                       checkpoint_chunks=checkpoint)                           # (6,)
     parts = sums.detach()
-    out = {"loss_sum": sums[_LOSS], "n_tokens": mask.sum(), "kd_sum": parts[_KD], "ce_sum": parts[_CE]}
+    out = {"loss_sum": sums[_LOSS], "n_tokens": mask.sum(), "kd_sum": parts[_KD], "ce_sum": parts[_CE],
+           "top1_agree": parts[_TOP1], "top5_order_agree": parts[_TOP5]}
     if spec.uses_rank:
         out["rank_sum"] = parts[_RANK]
-    top1, top5 = agreement_counts(student_logits, targets[0], mask)
-    out["top1_agree"], out["top5_order_agree"] = top1.to(parts.dtype), top5.to(parts.dtype)  # as compute_objective
     return out
 
 

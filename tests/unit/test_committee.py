@@ -66,6 +66,31 @@ def test_uniform_weights_average_the_members_losses(name):
     torch.testing.assert_close(zc.grad, sum(grads) / 3)
 
 
+@pytest.mark.parametrize("name", ["kl", "taid"])
+def test_committee_on_hidden_states_with_the_output_layer_equals_the_logits_path(name):
+    """The lean path train uses: hidden states (N, H) and the output layer applied chunk by chunk inside."""
+    _, targets, labels = _inputs()
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(N, 8, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(8, V, bias=False).double()
+    alpha = cl.uniform_weights(N, 2).double()
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[2] = False
+    spec = ObjectiveSpec(name=name, chunk_size=4)
+    lean_h = hidden.clone().requires_grad_()
+    lean = cl.committee_objective(lean_h, targets, alpha, labels, mask, spec, taid_t=0.5, lm_head=head)
+    lean["loss_sum"].backward()
+    lean_grads = (lean_h.grad, head.weight.grad.clone())
+    head.weight.grad = None
+    full_h = hidden.clone().requires_grad_()
+    full = cl.committee_objective(head(full_h), targets, alpha, labels, mask, spec, taid_t=0.5)
+    full["loss_sum"].backward()
+    for key in full:
+        torch.testing.assert_close(lean[key].detach(), full[key].detach())
+    torch.testing.assert_close(lean_grads[0], full_h.grad)
+    torch.testing.assert_close(lean_grads[1], head.weight.grad)
+
+
 def test_weights_get_no_gradient_in_the_students_term():
     z, targets, labels = _inputs()
     alpha = torch.full((N, 2), 0.5, dtype=torch.float64, requires_grad=True)
