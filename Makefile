@@ -1,7 +1,7 @@
 # kdcache: the Makefile is the stage graph. Each stage is a file target RUN/.stages/<stage>.done, written when the
 # stage finishes; it depends on its upstream stage and on RUN/.stages/<stage>.config, which `kdcache stamps`
 # rewrites only when the config fields that stage depends on change. So `make` reruns exactly the stale stages
-# (change train.lr -> train and evaluate; change precompute.k -> precompute onward), a killed stage is rerun
+# (change train.lr -> train and evaluate; change precompute.samples -> precompute onward), a killed stage is rerun
 # (and resumes), and `make -n` shows the plan.
 # Variables: PYTHON, CONFIG (YAML file), RUN (run folder), ARGS (extra `-s section.field=value` overrides),
 # ASSISTANT=1 (the student learns through the MiniDisc teacher assistant: train depends on the assistant's cache).
@@ -91,7 +91,7 @@ $(S)/evaluate.done: $(S)/train.done $(S)/evaluate.config
 BENCH_STORE = runs/bench-k16
 bench-store: $(STAMP)  ## bytes/token of a top-16 cache per value encoding and backend, decode speed (runs/bench-store)
 	$(KD) prepare --run-dir $(BENCH_STORE)
-	OMP_NUM_THREADS=1 $(KD) precompute --run-dir $(BENCH_STORE) -s precompute.k=16 -s precompute.value_encoding=float32
+	OMP_NUM_THREADS=1 $(KD) precompute --run-dir $(BENCH_STORE) -s precompute.signal=topk -s precompute.k=16 -s precompute.value_encoding=float32
 	OMP_NUM_THREADS=1 $(PYTHON) -m benchmarks.store_size --store $(BENCH_STORE)/signals/teacher --out runs/bench-store
 
 experiment-objectives: $(STAMP)  ## SFT vs KL vs TAID (adaptive, linear t) vs KL+RLKD on one cache (runs/experiments/objectives)

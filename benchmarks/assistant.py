@@ -27,7 +27,7 @@ from stages import assistants, evaluate, precompute, prepare, train
 BASE = {
     "prepare.seq_len": 128, "prepare.max_train_sequences": 48, "prepare.max_validation_sequences": 16,
     "prepare.shard_sequences": 16,
-    "precompute.k": 16, "precompute.scheduler": "sync", "precompute.batch_size": 8,
+    "precompute.signal": "topk", "precompute.k": 16, "precompute.scheduler": "sync", "precompute.batch_size": 8,
     "train.student": "layerdrop:3", "train.max_steps": 20, "train.batch_size": 2, "train.lr": 1e-3,
     "train.warmup_steps": 2, "train.checkpoint_every": 20,
     "evaluate.batch_size": 8,

@@ -75,6 +75,7 @@ KINDS = [
     Kind("sample N=16 systematic", "sample", samples=16, train=True, draws="systematic"),
     Kind("sample N=24 systematic", "sample", samples=24, train=True, draws="systematic"),
     Kind("sample N=32 systematic", "sample", samples=32, train=True, draws="systematic"),
+    Kind("sample N=40 systematic", "sample", samples=40, train=True, draws="systematic"),
     Kind("hybrid 2+8 int8", "hybrid", k=2, samples=8, value_encoding="int8", train=True),
     Kind("hybrid 4+16 int8", "hybrid", k=4, samples=16, value_encoding="int8"),
     Kind("hybrid 2+16 int8 systematic", "hybrid", k=2, samples=16, value_encoding="int8", train=True,
@@ -216,6 +217,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-seed", type=int, default=SEED, help="seed of the batch order every student shares")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny slice, 2 steps, 3 kinds")
     ap.add_argument("--only", help="comma-separated kind labels (and/or 'dense'): train only these students, "
                     "then stop (their results are reused by a later full run)")
@@ -257,7 +259,8 @@ def main(argv=None):
     tc = TrainConfig()
     setup = {"teacher": "SmolLM2-135M-Instruct", "student": STUDENT, "corpus": "default (pydoc topics)",
              "train_sequences": int(len(train_ids)), "val_sequences": int(len(val_ids)), "seq_len": args.seq_len,
-             "steps": args.steps, "batch_size": args.batch_size, "loss": "kl", "lr": tc.lr, "data_order_seed": SEED}
+             "steps": args.steps, "batch_size": args.batch_size, "loss": "kl", "lr": tc.lr,
+             "data_order_seed": args.data_seed}
 
     # ---- (1), (2), (4) for every kind -------------------------------------------------------------------
     fid = fidelity_probe(train_ids, train_mask, train_logits, args.batch_size) if only is None else None
@@ -359,7 +362,7 @@ def _batches(label: str | None, decoded: dict, train_logits: torch.Tensor | None
     """step -> (input_ids, positions, labels, target) in one seeded order shared by every student; label None =
     the dense teacher logits."""
     n_train = len(train_ids)
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(args.data_seed)
     order = np.concatenate([rng.permutation(n_train) for _ in range(args.steps * args.batch_size // n_train + 1)])
 
     def batch(step):

@@ -54,7 +54,8 @@ def base_config(run_dir: Path, args) -> Config:
         run_dir=str(run_dir),
         prepare=PrepareConfig(seq_len=args.seq_len, max_train_sequences=args.train_sequences,
                               max_validation_sequences=args.validation_sequences),
-        precompute=PrecomputeConfig(scheduler="sync", threads_per_worker=args.threads),
+        # TAID and RLKD need the teacher's exact peaks: a top-16 cache for every objective
+        precompute=PrecomputeConfig(signal="topk", k=16, scheduler="sync", threads_per_worker=args.threads),
         train=TrainConfig(student=args.student, max_steps=args.steps, batch_size=args.batch_size,
                           warmup_steps=max(1, args.steps // 10), lr=args.lr, checkpoint_every=args.steps,
                           keep_checkpoints=1, device="cpu"),

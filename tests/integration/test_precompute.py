@@ -72,7 +72,9 @@ def test_sigkill_mid_run_then_rerun_completes_identically(tmp_path, tiny_tokeniz
     teacher = build_tiny_model(tmp_path / "teacher", tiny_tokenizer, layers=4, hidden=256)
     extra = {"prepare.seq_len": 128, "prepare.max_train_sequences": 96, "prepare.shard_sequences": 4,
              "precompute.batch_size": 4}
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    # TQDM_DELAY=0: the resume line is asserted, and a rerun of 23 tiny shards can finish within the default 5 s
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1",
+           "TQDM_DELAY": "0"}
 
     def cli(run_dir, *cmd):
         args = [sys.executable, "-m", "pipeline.cli", *cmd]

@@ -13,7 +13,7 @@ from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.integration
 
-KINDS = {"sample": {"precompute.signal": "sample", "precompute.samples": 24},
+KINDS = {"sample": {"precompute.signal": "sample", "precompute.samples": 24, "precompute.draws": "iid"},
          "sample-systematic": {"precompute.signal": "sample", "precompute.samples": 24, "precompute.draws": "systematic"},
          "hybrid": {"precompute.signal": "hybrid", "precompute.k": 4, "precompute.samples": 16}}
 
@@ -30,7 +30,7 @@ def test_sampled_kind_end_to_end_is_reproducible(tmp_path, tiny_teacher, kind):
     params = store.manifest.params
     want = KINDS[kind]
     assert (params["signal"], params["samples"], params["seed"], params["draws"]) == \
-        (want["precompute.signal"], want["precompute.samples"], 0, want.get("precompute.draws", "iid"))
+        (want["precompute.signal"], want["precompute.samples"], 0, want.get("precompute.draws", "systematic"))
     reference = _store_bytes(cfg.signals_dir)
 
     # a resumed run redraws a lost shard exactly: its stream depends on (seed, shard name) only

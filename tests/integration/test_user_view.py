@@ -113,12 +113,12 @@ def test_report_of_a_folder_with_assistants_committee_taid_and_bench_data(tmp_pa
     committee = cfg(**{"train.committee": "[teacher,helper]", "train.committee_weights": "learned",
                        "train.output": "committee"})
     train.run(committee)
-    evaluate.run(committee)                                         # eval/committee_weights.json
+    evaluate.run(committee)                                         # committee/eval/committee_weights.json
     train.run(cfg(**{"train.loss": "taid", "train.output": "taid"}))
     (run_dir / "bench").mkdir()
     shutil.copy(BENCH_CACHE, run_dir / "bench" / "cache.json")
 
-    weights = json.loads((run_dir / "eval" / "committee_weights.json").read_text())
+    weights = json.loads((run_dir / "committee" / "eval" / "committee_weights.json").read_text())
     groups = weights["groups"]
     assert weights["members"] == ["teacher", "helper"] and groups["all"]["positions"] > 0
     assert sum(g["positions"] for name, g in groups.items() if name.startswith("class: ")) == groups["all"]["positions"]
@@ -141,6 +141,9 @@ def test_report_of_a_folder_with_assistants_committee_taid_and_bench_data(tmp_pa
     assert "| signals/helper | this folder | topk |" in text
     assert "| class: word |" in text and re.search(r"\| chosen \|", text)
 
-    evaluate.run(cfg())                                             # a run without a committee: its weights go
+    evaluate.run(cfg())                        # the default student: RUN/eval, no weights; the committee's stay
     assert not (run_dir / "eval" / "committee_weights.json").exists()
+    assert (run_dir / "committee" / "eval" / "committee_weights.json").exists()
+    evaluate.run(cfg(**{"train.output": "committee"}))  # re-evaluated without a committee: its stale weights go
+    assert not (run_dir / "committee" / "eval" / "committee_weights.json").exists()
     assert "committee_weights.png" not in _report_images(report.run(run_dir))
