@@ -289,7 +289,7 @@ def main(argv=None):
         key = {**setup, "kind": None if kind is None else asdict(kind)}
         path = students_dir / f"{slug(label)}.json"
         saved = json.loads(path.read_text()) if path.exists() else None
-        if saved is not None and saved["key"] == key:
+        if saved is not None and _normalised(saved["key"]) == key:
             report["students"][label] = saved["result"]
             print(f"bench-cache: student {label}: reusing {path}", flush=True)
             continue
@@ -355,6 +355,15 @@ def measure_kind(kind: Kind, store: Store, sig: dict, encode_rate: float, n_posi
     print(f"bench-cache: {kind.label}: {row['bytes_per_token']:.1f} B/token, "
           f"angle bucket {row['grad_bucket']['angle_deg']:.2f} deg, decode {decode_rate / 1e6:.2f} M tok/s", flush=True)
     return row
+
+
+def _normalised(key: dict) -> dict:
+    """A saved student's key with the Kind fields added since it was saved at their defaults (a kind saved before
+    `draws` existed drew iid), so a new field does not retrain every student; a key with unknown fields is kept."""
+    try:
+        return {**key, "kind": None if key.get("kind") is None else asdict(Kind(**key["kind"]))}
+    except TypeError:
+        return key
 
 
 def _batches(label: str | None, decoded: dict, train_logits: torch.Tensor | None, train_ids: torch.Tensor,

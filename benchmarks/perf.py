@@ -172,8 +172,17 @@ def bench_reader(cfg, reps: int, min_seconds: float = 1.0) -> dict:
     out = {f"{name}_tokens_per_s": statistics.median(runs) for name, runs in rates.items()}
     params = warm.manifest.params
     return {**out, "runs": rates, "shards": len(records), "shard_tokens": records[0].count * seq_len,
-            "batch": f"{cfg.train.batch_size}x{seq_len}", "k": params["k"],
+            "batch": f"{cfg.train.batch_size}x{seq_len}", "kind": kind_label(params),
             "value_encoding": params["value_encoding"], "backend": warm.manifest.backend}
+
+
+def kind_label(params: dict) -> str:
+    """What a signal store caches, as the tables name it: top-16, sample N=40 systematic, hybrid 2+16."""
+    if params["signal"] == "topk":
+        return f"top-{params['k']}"
+    label = f"sample N={params['samples']}" if params["signal"] == "sample" else \
+        f"hybrid {params['k']}+{params['samples']}"
+    return f"{label} {params.get('draws') or 'iid'}"
 
 
 # ---- 3 + 4. training steps: offline KD, plain CE, online KD --------------------------------------------------
@@ -354,7 +363,7 @@ def table(r: dict) -> str:
     if rd:
         rate = rd["read_shard_tokens_per_s"]
         rows.append(f"| 2a | reader, `storage.read_shard` (read + sha256 + decode) of {rd['shard_tokens']:,}-token "
-                    f"top-{rd['k']} shards, 1 core | {rate / 1e6:.2f} M tokens/s (through one open store, hashed "
+                    f"{rd['kind']} shards, 1 core | {rate / 1e6:.2f} M tokens/s (through one open store, hashed "
                     f"once: {rd['read_shard_warm_tokens_per_s'] / 1e6:.2f} M) | ≥ 1 M | {ok(rate >= 1e6)} |")
         if st:
             rows.append(f"| 2b | reader ÷ trainer consumption ({st['trainer_tokens_per_s']:.0f} tokens/s) | "
