@@ -37,7 +37,7 @@ test: $(STAMP)  ## run the whole test suite
 test-fast: $(STAMP)  ## unit tests only
 	$(PYTHON) -m pytest -q tests/unit
 
-bench: $(STAMP)  ## performance benchmarks on the default teacher (~10 min): runs/bench/perf.md + perf.json
+bench: $(STAMP)  ## performance benchmarks on the default teacher (~12 min): runs/bench/perf.md + perf.json
 	$(PYTHON) -m benchmarks.perf --out runs/bench
 
 demo: $(STAMP)  ## the whole default pipeline: prepare -> precompute -> train -> evaluate -> report

@@ -51,6 +51,8 @@ STUDENTS = [
 def overrides(run_dir: Path, args, **extra) -> list[str]:
     base = {"run_dir": run_dir, "prepare.seq_len": args.seq_len, "prepare.max_train_sequences": args.train_sequences,
             "prepare.max_validation_sequences": args.validation_sequences, "prepare.shard_sequences": 16,
+            # top-16, as when the README's results were measured (the member perplexities read the exact top-k)
+            "precompute.signal": "topk", "precompute.k": 16,
             "precompute.scheduler": "sync", "precompute.threads_per_worker": args.threads,
             "train.student": args.student, "train.max_steps": args.steps, "train.batch_size": args.batch_size,
             "train.warmup_steps": max(1, args.steps // 10), "train.lr": args.lr, "train.checkpoint_every": args.steps,

@@ -5,6 +5,8 @@ Metrics per student, over the validation loss positions:
   kl_teacher      KL(teacher || student) on the cached top-k support plus one tail bucket (a lower bound of the
                   full-vocabulary KL; the bound is tight when the top-k covers most of the teacher's mass)
   top1_agreement  fraction of positions where the student's argmax equals the teacher's top-1
+  top5_order_agreement  fraction where the student's top-5 ids equal the teacher's, in order; None on a cache
+                  without the exact top-5 (sample, hybrid with k < 5): counts tie and miss ids, so their order is noise
 -> RUN/eval/metrics.json and report.md. A committee run (train.committee) also gets RUN/eval/committee_weights.json:
 how the trained student weighs its members, by the class of the true next token (committee_weights).
 """
@@ -53,6 +55,16 @@ def validation_batches(tokens, signals, batch_size: int, max_sequences: int | No
         yield (batch, *loss_inputs(batch, sources))
 
 
+def holds_exact_top5(params: dict) -> bool:
+    """Whether a signal store holds the teacher's exact top-5 in order (topk; hybrid's exact part when k >= 5)."""
+    signal = params.get("signal", "topk")
+    return signal == "topk" or (signal == "hybrid" and params["k"] >= 5)
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
 @torch.no_grad()
 def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int | None, device, desc: str) -> dict:
     model.to(device).eval()
@@ -74,9 +86,10 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
         bar.update(batch["input_ids"].numel())
     bar.close()
     n = max(1, totals["n"])
+    top5 = totals["top5_order"] / n if holds_exact_top5(signals.manifest.params) else None
     return {"perplexity": math.exp(totals["ce"] / n), "cross_entropy": totals["ce"] / n,
             "kl_teacher": totals["kl"] / n, "top1_agreement": totals["top1"] / n,
-            "top5_order_agreement": totals["top5_order"] / n, "teacher_tail_mass": totals["tail_mass"] / n,
+            "top5_order_agreement": top5, "teacher_tail_mass": totals["tail_mass"] / n,
             "positions": totals["n"], "sequences": seen}
 
 
@@ -182,7 +195,7 @@ def render_table(results: dict) -> str:
             "|---|---|---|---|---|"]
     for name, m in results.items():
         rows.append(f"| {name} | {m['kl_teacher']:.4f} | {m['top1_agreement']:.2%} | "
-                    f"{m['top5_order_agreement']:.2%} | {m['perplexity']:.2f} |")
+                    f"{percent(m['top5_order_agreement'])} | {m['perplexity']:.2f} |")
     return "\n".join(rows)
 
 

@@ -52,6 +52,8 @@ class StoreSummary:
     signal: str
     bytes_per_token: float
     mass: np.ndarray | None   # (P,) teacher mass on the exact top-k per position; None for sampled signals
+    entries: np.ndarray | None = None  # (P,) distinct ids the N draws hit per position; signal sample only
+    samples: int | None = None         # N (sampled signals)
 
 
 # ---- discovery ------------------------------------------------------------------------------------------
@@ -115,16 +117,22 @@ def signal_stores(root: Path, max_positions: int = 200_000) -> dict[str, StoreSu
         positions = sum(r.count for r in store.manifest.shards) * params["seq_len"]
         if positions == 0:
             continue
-        masses, n = [], 0
-        if params.get("signal", "topk") != "sample":
-            for shard in store.manifest.shards:
-                masses.append(mass_covered(read_shard(store, shard.name)["logprobs"], params).ravel())  # (n*T,)
-                n += masses[-1].size
-                if n >= max_positions:
-                    break
+        signal = params.get("signal", "topk")
+        per_position, n = [], 0
+        for shard in store.manifest.shards:
+            logprobs = read_shard(store, shard.name)["logprobs"]                       # (n, T, C)
+            if signal == "sample":  # no coverage gap to show (the estimate sums to 1): its support instead
+                per_position.append(np.isfinite(logprobs).sum(-1).ravel())             # (n*T,)
+            else:
+                per_position.append(mass_covered(logprobs, params).ravel())            # (n*T,)
+            n += per_position[-1].size
+            if n >= max_positions:
+                break
+        values = np.concatenate(per_position)
         stores[_label(manifest.parent, root)] = StoreSummary(
-            signal=params.get("signal", "topk"), bytes_per_token=store.nbytes() / positions,
-            mass=np.clip(np.concatenate(masses), 0, 1) if masses else None)
+            signal=signal, bytes_per_token=store.nbytes() / positions,
+            mass=None if signal == "sample" else np.clip(values, 0, 1),
+            entries=values if signal == "sample" else None, samples=params.get("samples"))
     return stores
 
 
@@ -228,6 +236,21 @@ def plot_coverage(coverage: dict[str, np.ndarray], out: Path) -> None:
     ax.set_xlabel("teacher probability mass held by the cached top-k, per position")
     ax.set_ylabel("positions")
     ax.set_title("Cache coverage")
+    _legend(fig)
+    _save(fig, out)
+
+
+def plot_support(stores: dict[str, StoreSummary], out: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.0), layout="constrained")
+    top = max(int(s.entries.max()) for s in stores.values())
+    bins = np.arange(0.5, top + 1.5)  # one bin per count of distinct ids
+    for label, s in stores.items():
+        ax.hist(s.entries, bins=bins, histtype="step", linewidth=1.6,
+                label=f"{label} (N={s.samples}, mean {s.entries.mean():.1f})")
+    ax.set_xlabel("distinct ids among the N draws, per position")
+    ax.set_ylabel("positions")
+    ax.set_title("Cache support (sampled signals)")
     _legend(fig)
     _save(fig, out)
 
@@ -385,8 +408,9 @@ def metrics_section(root: Path) -> Section | None:
         # RUN/eval belongs to the default student, RUN/<train.output>/eval to another one
         run = student_label(above if above.name == output else above / output, root)
         for name, m in metrics["students"].items():
-            rows.append([run, name, f"{m['kl_teacher']:.4f}",
-                         f"{m['top1_agreement']:.2%}", f"{m['top5_order_agreement']:.2%}", f"{m['perplexity']:.2f}"])
+            top5 = m.get("top5_order_agreement")  # None: the cache holds no exact top-5 (sampled)
+            rows.append([run, name, f"{m['kl_teacher']:.4f}", f"{m['top1_agreement']:.2%}",
+                         "n/a" if top5 is None else f"{top5:.2%}", f"{m['perplexity']:.2f}"])
     return Section("Held-out metrics", "Validation split; KL against the cached teacher signal.", table=rows)
 
 
@@ -411,6 +435,16 @@ def coverage_section(stores: dict[str, StoreSummary], out_dir: Path) -> Section 
     plot_coverage(coverage, out_dir / "coverage.png")
     return Section("Cache coverage", "How much of the teacher's probability the cached top-k holds at each position; "
                    "the rest is the tail the loss's tail mode accounts for.", image="coverage.png")
+
+
+def support_section(stores: dict[str, StoreSummary], out_dir: Path) -> Section | None:
+    sampled = {label: s for label, s in stores.items() if s.entries is not None}
+    if not sampled:
+        return None
+    plot_support(sampled, out_dir / "support.png")
+    return Section("Cache support", "A sampled cache has no coverage gap: its estimate of the teacher sums to 1 at "
+                   "every position. What it holds per position are the distinct ids its N draws hit — few where the "
+                   "teacher is sure, many where it hesitates — and its bytes grow with them.", image="support.png")
 
 
 def bench_cache_rows(root: Path) -> list[dict]:
@@ -546,7 +580,8 @@ def run(root: Path) -> Path:
         old.unlink()
     stores = signal_stores(root)
     sections = [metrics_section(root), *training_sections(training_logs(root), out_dir),
-                coverage_section(stores, out_dir), fidelity_section(stores, bench_cache_rows(root), out_dir),
+                coverage_section(stores, out_dir), support_section(stores, out_dir),
+                fidelity_section(stores, bench_cache_rows(root), out_dir),
                 *tradeoff_sections(root, out_dir), *committee_sections(root, out_dir)]
     sections = [s for s in sections if s is not None]
     if not sections:

@@ -54,6 +54,8 @@ def test_make_reruns_exactly_the_stale_stages(tmp_path, installed):
     _finish_all(run)
     assert _plan(run, installed, "precompute.k=8") == ["precompute", "train", "evaluate"]
     _finish_all(run)
+    assert _plan(run, installed, "precompute.samples=24") == ["precompute", "train", "evaluate"]  # N of the default
+    _finish_all(run)
     assert _plan(run, installed, "prepare.seq_len=128") == list(STAGES)
     _finish_all(run)
     assert _plan(run, installed, "precompute.workers=2") == []  # how a stage runs is not what it produces

@@ -52,6 +52,7 @@ def test_trained_student_is_closer_to_the_teacher(tmp_path, cached_run, tiny_tea
     s = metrics["students"]
     assert s["trained"]["kl_teacher"] < 0.9 * s["untrained"]["kl_teacher"]
     assert s["trained"]["top1_agreement"] > s["untrained"]["top1_agreement"]
+    assert 0 <= s["trained"]["top5_order_agreement"] <= s["trained"]["top1_agreement"]  # a top-k cache: exact order
     report = (cfg.eval_dir / "report.md").read_text()
     assert "closer to the teacher than the untrained student" in report
     log = _log(cfg)

@@ -1,13 +1,15 @@
 """precompute -> train -> evaluate on the sampled signal kinds, on the tiny teacher: seeded, byte-identical shards."""
+import re
 import shutil
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import KdcacheError
-from stages import evaluate, precompute, prepare, train
+from stages import evaluate, precompute, prepare, report, train
 from storage import read_shard
 from tests.conftest import tiny_overrides
 
@@ -52,7 +54,16 @@ def test_sampled_kind_end_to_end_is_reproducible(tmp_path, tiny_teacher, kind):
     metrics = evaluate.run(cfg)
     for student in metrics["students"].values():
         assert all(np.isfinite(student[m]) for m in ("kl_teacher", "perplexity", "top1_agreement"))
+        assert student["top5_order_agreement"] is None  # no exact top-5 here (sample; hybrid with k = 4)
     assert metrics["students"]["trained"]["kl_teacher"] < metrics["students"]["untrained"]["kl_teacher"]
+
+    # the report shows what applies to the kind: coverage of the exact top-k (hybrid), the draws' support (sample)
+    out = report.run(Path(cfg.run_dir))
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", (out / "report.md").read_text())
+    plot = "coverage.png" if want["precompute.signal"] == "hybrid" else "support.png"
+    assert plot in images and ({"coverage.png", "support.png"} - {plot}).isdisjoint(images)
+    pixels = matplotlib.image.imread(out / plot)                                 # (H, W, 4)
+    assert pixels.shape[0] > 200 and pixels[..., :3].reshape(-1, 3).std(0).max() > 0.05  # something is drawn
 
 
 def test_hybrid_needs_a_tail_to_sample(tmp_path, tiny_teacher):
