@@ -77,10 +77,10 @@ KINDS = [
     Kind("sample N=32 systematic", "sample", samples=32, train=True, draws="systematic"),
     Kind("sample N=40 systematic", "sample", samples=40, train=True, draws="systematic"),
     Kind("hybrid 2+8 int8", "hybrid", k=2, samples=8, value_encoding="int8", train=True),
-    Kind("hybrid 4+16 int8", "hybrid", k=4, samples=16, value_encoding="int8"),
+    Kind("hybrid 4+16 int8", "hybrid", k=4, samples=16, value_encoding="int8", train=True),
     Kind("hybrid 2+16 int8 systematic", "hybrid", k=2, samples=16, value_encoding="int8", train=True,
          draws="systematic"),
-    Kind("hybrid 8+32", "hybrid", k=8, samples=32),
+    Kind("hybrid 8+32", "hybrid", k=8, samples=32, train=True),
 ]
 
 

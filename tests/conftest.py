@@ -67,9 +67,9 @@ def tiny_jsonl(tmp_path) -> Path:
     path = tmp_path / "instructions.jsonl"
     if DOLLY.exists():
         lines = DOLLY.read_text().splitlines()[:60]
-    else:  # a self-made fallback with the same fields
-        lines = [json.dumps({"instruction": f"Say {i}", "context": "", "response": f"{i} " * 5, "category": "x"})
-                 for i in range(60)]
+    else:  # a self-made fallback with the same fields; every 4th record longer than 200 tokens, as some real ones
+        lines = [json.dumps({"instruction": f"Say {i}", "context": "", "response": f"{i} " * (5 if i % 4 else 300),
+                             "category": "x"}) for i in range(60)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
