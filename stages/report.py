@@ -156,7 +156,35 @@ def _legend(fig, handles=None, labels=None) -> None:
     """The legend below the plot, outside the axes, so it never covers data (constrained layout makes room)."""
     if handles is None:
         handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncol=_legend_columns(labels), fontsize=8, frameon=False)
+
+
+def _legend_columns(labels: list[str]) -> int:
+    longest = max(len(label) for label in labels)
+    columns = 1 if longest > 48 else 2 if longest > 30 else 3  # long names (paths of a bench folder) stay whole
+    return min(columns, len(labels))
+
+
+def _histogram_figure(labels: list[str]):
+    """A figure for one histogram whose legend, below it, has one entry per label: taller as the legend grows,
+    so the plot keeps its height."""
+    plt = _pyplot()
+    rows = -(-len(labels) // _legend_columns(labels))
+    return plt.subplots(figsize=(7.5, 3.4 + 0.2 * rows), layout="constrained")
+
+
+def _colours(n: int) -> list:
+    """n distinguishable line colours: tab10, or tab20 when more curves than that share a plot."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _share_hist(ax, values: np.ndarray, bins: np.ndarray, colour, label: str) -> None:
+    """A histogram as the share of positions per bin, so stores of different sizes compare."""
+    ax.hist(values, bins=bins, weights=np.full(len(values), 100 / len(values)), histtype="step", linewidth=1.6,
+            color=colour, label=label)
 
 
 def _save(fig, path: Path) -> None:
@@ -228,28 +256,27 @@ def plot_taid_t(logs: dict[str, StudentLog], out: Path) -> None:
 
 
 def plot_coverage(coverage: dict[str, np.ndarray], out: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.0), layout="constrained")
+    labels = [f"{label} (mean {mass.mean():.1%})" for label, mass in coverage.items()]
+    fig, ax = _histogram_figure(labels)
     bins = np.linspace(0, 1, 41)
-    for label, mass in coverage.items():
-        ax.hist(mass, bins=bins, histtype="step", linewidth=1.6, label=f"{label} (mean {mass.mean():.1%})")
+    for mass, label, colour in zip(coverage.values(), labels, _colours(len(coverage))):
+        _share_hist(ax, mass, bins, colour, label)
     ax.set_xlabel("teacher probability mass held by the cached top-k, per position")
-    ax.set_ylabel("positions")
+    ax.set_ylabel("% of positions")
     ax.set_title("Cache coverage")
     _legend(fig)
     _save(fig, out)
 
 
 def plot_support(stores: dict[str, StoreSummary], out: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.0), layout="constrained")
+    labels = [f"{label} (N={s.samples}, mean {s.entries.mean():.1f})" for label, s in stores.items()]
+    fig, ax = _histogram_figure(labels)
     top = max(int(s.entries.max()) for s in stores.values())
     bins = np.arange(0.5, top + 1.5)  # one bin per count of distinct ids
-    for label, s in stores.items():
-        ax.hist(s.entries, bins=bins, histtype="step", linewidth=1.6,
-                label=f"{label} (N={s.samples}, mean {s.entries.mean():.1f})")
+    for s, label, colour in zip(stores.values(), labels, _colours(len(stores))):
+        _share_hist(ax, s.entries, bins, colour, label)
     ax.set_xlabel("distinct ids among the N draws, per position")
-    ax.set_ylabel("positions")
+    ax.set_ylabel("% of positions")
     ax.set_title("Cache support (sampled signals)")
     _legend(fig)
     _save(fig, out)
@@ -326,6 +353,12 @@ def plot_fidelity(points: list[dict], out: Path) -> None:
         ax.set_ylabel(unit)
         if key == "kl_vs_dense":
             ax.axhline(0, color="grey", linewidth=0.8)
+            if max(abs(v) for v in values) > 20:  # one catastrophic kind would flatten the ones within a few %
+                ax.set_yscale("symlog", linthresh=1)
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.set_ylabel("% above dense (symlog)")
+                low, high = min(values), max(values)
+                ax.set_ylim(min(-0.5, 3 * low), 3 * high)  # no empty decades below the lowest point
     fig.canvas.draw()  # the layout and the shared axis's range are final: names can be placed in pixels
     for ax, (key, _, _) in zip(axes, panels):
         shown = [p for p in points if p.get(key) is not None]

@@ -73,3 +73,30 @@ def test_a_broken_result_file_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "committee_weights.json is not valid JSON" in err
+
+
+def test_a_histogram_keeps_its_plot_height_however_many_stores_its_legend_lists():
+    def plot_height(n: int) -> float:
+        labels = [f"cache-work/signals/sample_N{i}_systematic (N=40, mean 17.0)" for i in range(n)]
+        fig, ax = report._histogram_figure(labels)
+        for i, label in enumerate(labels):
+            ax.plot([0, 1], [i, i], label=label)
+        report._legend(fig)
+        fig.canvas.draw()
+        height = ax.get_window_extent().height
+        report._pyplot().close(fig)
+        return height
+
+    assert plot_height(12) > 0.9 * plot_height(1)
+
+
+def test_a_catastrophic_kind_does_not_flatten_the_others_on_the_kl_panel(tmp_path, monkeypatch):
+    points = [{"label": f"k{i}", "origin": "bench", "kind": "sample", "bytes_per_token": 10 + i, "mass": None,
+               "angle": None, "kl_vs_dense": v} for i, v in enumerate([0.006, 0.011, 0.075, 2.43])]
+    scales = []
+    real_save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path: (scales.append(fig.axes[0].get_yscale()),
+                                                             real_save(fig, path)))
+    report.plot_fidelity(points, tmp_path / "f.png")
+    report.plot_fidelity(points[:3], tmp_path / "g.png")  # all within a few %: a plain linear axis
+    assert scales == ["symlog", "linear"]
