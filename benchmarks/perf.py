@@ -41,6 +41,7 @@ from stages.losses import compute_objective
 from stages.models import build_student
 from stages.schedules import WarmupCosineLR
 from storage import open_store, read_sequence, read_shard
+from storage.codecs import sample_draws
 
 TEACHER = "default"
 STUDENT = "layerdrop:6"
@@ -182,7 +183,7 @@ def kind_label(params: dict) -> str:
         return f"top-{params['k']}"
     label = f"sample N={params['samples']}" if params["signal"] == "sample" else \
         f"hybrid {params['k']}+{params['samples']}"
-    return f"{label} {params.get('draws') or 'iid'}"
+    return f"{label} {sample_draws(params)}"
 
 
 # ---- 3 + 4. training steps: offline KD, plain CE, online KD --------------------------------------------------

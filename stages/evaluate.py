@@ -24,6 +24,7 @@ from stages.committee import TOKEN_CLASSES, token_classes
 from stages.data import CachedKDDataset, to_device
 from stages.losses import ObjectiveSpec, compute_objective
 from stages.losses import committee as committee_loss
+from stages.losses.targets import teacher_topk
 from stages.models import load_tokenizer
 from stages.progress import progress
 from stages.runtime import pick_device
@@ -130,7 +131,7 @@ def committee_weights(cfg: Config, device, max_sequences: int | None) -> dict | 
         alpha, _ = committee.weights(hidden, targets)                                       # (N, M)
         label_logp = committee_loss.label_logprobs(targets, labels, vocab)                  # (N, M)
         best = torch.nn.functional.one_hot(label_logp.argmax(-1), n_members)                 # (N, M)
-        top1 = targets[0].ids.gather(1, targets[0].logprobs.argmax(-1, keepdim=True))[:, 0]   # (N,)
+        top1 = teacher_topk(targets[0], 1)[0][:, 0]                                          # (N,)
         right = top1 == labels                                                              # (N,)
         label_class = classes[labels]                                                       # (N,)
         member = torch.stack([torch.ones_like(right), *(label_class == c for c in range(len(TOKEN_CLASSES))),

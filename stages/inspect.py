@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from storage import open_store, read_shard
+from storage.codecs import sample_draws
 from storage.store import SHARDS_DIR
 
 
@@ -44,7 +45,7 @@ def describe(path: Path, max_shards: int = 8) -> dict:
     kind = m.params["signal"]
     info.update(signal=kind, k=m.params.get("k") if kind != "sample" else None,
                 samples=m.params.get("samples") if kind != "topk" else None,
-                draws=(m.params.get("draws") or "iid") if kind != "topk" else None,
+                draws=sample_draws(m.params) if kind != "topk" else None,
                 value_encoding=m.params.get("value_encoding", m.params.get("value_dtype")) if kind != "sample" else None,
                 temperature=m.params.get("temperature"), seed=m.params.get("seed"), teacher=m.params.get("teacher"))
     picks = np.unique(np.linspace(0, len(m.shards) - 1, min(max_shards, len(m.shards))).astype(int))

@@ -26,6 +26,7 @@ from stages.progress import progress
 from stages.runtime import pick_device
 from stages.signals import concat_signals, extract_signal, shard_generator
 from storage import Manifest, Store, encode_signal
+from storage.codecs import sample_draws
 from storage.manifest import read_manifest
 
 _TEACHERS: dict = {}  # per worker process: teacher spec -> model, so each worker loads a source once
@@ -61,7 +62,7 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, b
         for i in range(0, len(input_ids), batch_size):
             logits = model(input_ids[i:i + batch_size].to(device)).logits     # (b, T, V)
             parts.append(extract_signal(kind, logits, params["k"], params["samples"], generator,
-                                        params.get("draws") or "iid"))  # stores from before `draws`: iid
+                                        sample_draws(params)))
             del logits
     arrays = concat_signals(kind, parts)                                      # (n, T, ...) padded to the shard's M
     record = signals.write_shard(name, encode_signal(kind, arrays, params["vocab_size"], params["value_encoding"]))

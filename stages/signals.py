@@ -17,6 +17,7 @@ import hashlib
 import numpy as np
 import torch
 
+from pipeline.config import SAMPLE_DRAWS
 
 CHUNK_BYTES = 4 << 20  # logits per topk_signal chunk: a few MB stay in cache from the logsumexp to the topk pass
 
@@ -67,9 +68,6 @@ def _draws_to_counts(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, counts
 
 
-DRAWS = ("iid", "systematic")
-
-
 def _sample_ids(logits: torch.Tensor, n_samples: int, generator: torch.Generator, draws: str = "iid",
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """N draws from softmax(logits) per row. logits (..., V) -> unique ids, counts (..., M).
@@ -90,7 +88,7 @@ def _sample_ids(logits: torch.Tensor, n_samples: int, generator: torch.Generator
         quantiles = (torch.arange(n_samples) + offset) / n_samples              # (R, N) in [0, 1)
         drawn = torch.searchsorted(cdf, quantiles).clamp_max(probs.shape[-1] - 1)  # (R, N)
     else:
-        raise ValueError(f"unknown draws {draws!r}: use {' or '.join(DRAWS)}")
+        raise ValueError(f"unknown draws {draws!r}: use {' or '.join(SAMPLE_DRAWS)}")
     ids, counts = _draws_to_counts(drawn)                                       # (R, M) x2
     return ids.reshape(*lead, -1), counts.reshape(*lead, -1)
 

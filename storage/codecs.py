@@ -373,6 +373,11 @@ def signal_params(kind: str, vocab_size: int, value_encoding: str = "float16", k
     return {"signal": kind, "vocab_size": vocab_size, "value_encoding": value_encoding, "k": k, "samples": samples}
 
 
+def sample_draws(params: dict) -> str:
+    """How a sampled store drew its N draws: params.draws, iid for stores written before `draws` existed."""
+    return params.get("draws") or "iid"
+
+
 ROWS = "rows"  # a stored_arrays width: an (n, L) array of one row per sequence, L shard-dependent
 
 
