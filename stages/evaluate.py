@@ -63,6 +63,7 @@ def holds_exact_top5(params: dict) -> bool:
 
 
 def percent(value: float | None) -> str:
+    """A share as a table cell; None (not measurable on this cache, e.g. top-5 order on a sampled one) -> n/a."""
     return "n/a" if value is None else f"{value:.2%}"
 
 

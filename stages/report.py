@@ -431,6 +431,8 @@ def plot_committee_weights(weights: dict, title: str, out: Path) -> None:
 # ---- sections -------------------------------------------------------------------------------------------
 
 def metrics_section(root: Path) -> Section | None:
+    from stages.evaluate import percent
+
     files = find(root, "**/eval/metrics.json")
     if not files:
         return None
@@ -441,9 +443,8 @@ def metrics_section(root: Path) -> Section | None:
         # RUN/eval belongs to the default student, RUN/<train.output>/eval to another one
         run = student_label(above if above.name == output else above / output, root)
         for name, m in metrics["students"].items():
-            top5 = m.get("top5_order_agreement")  # None: the cache holds no exact top-5 (sampled)
             rows.append([run, name, f"{m['kl_teacher']:.4f}", f"{m['top1_agreement']:.2%}",
-                         "n/a" if top5 is None else f"{top5:.2%}", f"{m['perplexity']:.2f}"])
+                         percent(m.get("top5_order_agreement")), f"{m['perplexity']:.2f}"])
     return Section("Held-out metrics", "Validation split; KL against the cached teacher signal.", table=rows)
 
 

@@ -100,3 +100,13 @@ def test_a_catastrophic_kind_does_not_flatten_the_others_on_the_kl_panel(tmp_pat
     report.plot_fidelity(points, tmp_path / "f.png")
     report.plot_fidelity(points[:3], tmp_path / "g.png")  # all within a few %: a plain linear axis
     assert scales == ["symlog", "linear"]
+
+
+def test_top5_order_of_a_sampled_cache_reads_n_a(tmp_path):
+    import json
+
+    m = {"kl_teacher": 1.0, "top1_agreement": 0.5, "top5_order_agreement": None, "perplexity": 9.0}
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "metrics.json").write_text(json.dumps(
+        {"students": {"trained": m}, "config": {"output": "student"}}))
+    assert report.metrics_section(tmp_path / "run").table[1] == ["run", "trained", "1.0000", "50.00%", "n/a", "9.00"]
