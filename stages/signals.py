@@ -76,7 +76,8 @@ def _sample_ids(logits: torch.Tensor, n_samples: int, generator: torch.Generator
     systematic: one uniform U per row, draws at the quantiles (j + U) / N, j = 0..N-1, of the distribution in
     vocabulary order: count_i is floor(N p_i) or ceil(N p_i), still E[count_i] = N p_i (unbiased), so an id with
     p_i >= 1/N is always drawn and its weight is off by < 1/N — the peaks are nearly exact. Measured on the
-    default teacher: E||count/N - p||^2 at N=24 is 0.012 against 0.030 for iid draws (iid needs N=50 for 0.014)."""
+    default teacher (`make bench-cache`): the KD gradient's angle to full KD at N=24 is 9.4 deg against 14.7 for
+    iid draws (iid needs N=50 for 10.3)."""
     lead = logits.shape[:-1]
     probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]).cpu(), dim=-1)  # (R, V)
     if draws == "iid":
@@ -133,7 +134,7 @@ def extract_signal(kind: str, logits: torch.Tensor, k: int, n_samples: int, gene
     if kind == "sample":
         ids, counts = sample_signal(logits, n_samples, generator, draws)
         return {"ids": ids.numpy(), "counts": counts.numpy()}
-    if kind == "hybrid":  # no lognorm: the estimate sums to 1 without it, and it would cost 3.8 B/token (measured)
+    if kind == "hybrid":  # no lognorm: the estimate sums to 1 without it, and it would cost up to 4 B/token (a float32 per position)
         ids, logprobs, _, tail_ids, tail_counts = hybrid_signal(logits, k, n_samples, generator, draws)
         return {"ids": ids.cpu().numpy(), "logprobs": logprobs.cpu().numpy(), "tail_ids": tail_ids.numpy(),
                 "tail_counts": tail_counts.numpy()}
