@@ -10,7 +10,7 @@ RUN ?= runs/default
 CONFIG ?=
 ARGS ?=
 ASSISTANT ?=
-KD = $(PYTHON) -m pipeline.cli
+KD = $(PYTHON) -m kdcache.pipeline.cli
 OPTS = --run-dir $(RUN) $(if $(CONFIG),-c $(CONFIG)) $(ARGS) $(if $(ASSISTANT),-s train.source=assistant)
 STAMP = .install.stamp
 S = $(RUN)/.stages
@@ -101,7 +101,7 @@ experiment-committee: $(STAMP)  ## teacher alone vs teacher + complementary teac
 	$(PYTHON) -m benchmarks.committee
 
 docs:  ## regenerate the README's CLI reference from the CLI's help texts
-	$(PYTHON) -m pipeline.clidoc README.md
+	$(PYTHON) -m kdcache.pipeline.clidoc README.md
 
 bench-cache: $(STAMP)  ## benchmark the signal kinds on the default teacher (runs/bench/cache.json + .md, ~20 min)
 	OMP_NUM_THREADS=2 $(PYTHON) -m benchmarks.cache

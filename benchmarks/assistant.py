@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_config
-from stages import assistants, evaluate, precompute, prepare, train
+from kdcache.pipeline.config import load_config
+from kdcache.stages import assistants, evaluate, precompute, prepare, train
 
 # tiny budgets: the machine is 2 shared CPU cores and the teacher has 30 layers
 BASE = {

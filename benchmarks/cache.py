@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Config, PrepareConfig, TrainConfig
-from stages import prepare
-from stages.losses import ObjectiveSpec, compute_objective
-from stages.losses.divergences import divergence_rows
-from stages.models import build_student, load_teacher
-from stages.schedules import WarmupCosineLR
-from stages.signals import concat_signals, extract_signal, shard_generator, sparse_target
-from stages.train import student_logits
-from storage import Manifest, Store, decode_signal, encode_signal, make_layout, read_shard
+from kdcache.pipeline.config import Config, PrepareConfig, TrainConfig
+from kdcache.stages import prepare
+from kdcache.stages.losses import ObjectiveSpec, compute_objective
+from kdcache.stages.losses.divergences import divergence_rows
+from kdcache.stages.models import build_student, load_teacher
+from kdcache.stages.schedules import WarmupCosineLR
+from kdcache.stages.signals import concat_signals, extract_signal, shard_generator, sparse_target
+from kdcache.stages.train import student_logits
+from kdcache.storage import Manifest, Store, decode_signal, encode_signal, make_layout, read_shard
 
 OUT = Path("runs/bench")
 TEACHER = "default"
@@ -94,7 +94,7 @@ def _median_rate(fn, n_tokens: int, repeats: int = 3) -> float:
 
 
 def _positions(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """As stages.train.loss_inputs: position t predicts token t+1 where that token is a loss token."""
+    """As kdcache.stages.train.loss_inputs: position t predicts token t+1 where that token is a loss token."""
     target_mask = torch.zeros_like(loss_mask)
     target_mask[:, :-1] = loss_mask[:, 1:]                                    # (B, T)
     positions = target_mask.flatten().nonzero().squeeze(1)                    # (N,)
@@ -138,7 +138,7 @@ def write_store(kind: Kind, logits: torch.Tensor, vocab: int, path: Path, shard_
 
 def read_decoded(store: Store) -> dict[str, np.ndarray]:
     """All shards decoded and joined, widths padded as the reader pads them (id = first id, logprob = -inf)."""
-    from stages.data import stack_sequences
+    from kdcache.stages.data import stack_sequences
 
     seqs = []
     for rec in store.manifest.shards:

@@ -14,7 +14,7 @@ Steps, all in one run folder runs/experiments/committee/run:
      perplexity on the ground truth, top-1 agreement with the teacher;
   5. the learned weights on the held-out split, split by the class of the true next token (whitespace /
      punctuation / digits / word = identifier-like / other) and by whether the teacher's top-1 is right, next to
-     which member actually gives the true token more probability there (stages.evaluate.committee_weights, which
+     which member actually gives the true token more probability there (kdcache.stages.evaluate.committee_weights, which
      `kdcache evaluate` also writes for every committee run).
 Writes results.json and results.md into runs/experiments/committee/. On a crowded machine the four students can
 run as parallel processes (`--only NAME`, same budget); a final run without --only reuses their measurements.
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import load_config
-from stages import precompute, prepare, train
-from stages.data import CachedKDDataset, to_device
-from stages.evaluate import committee_weights, evaluate_model
-from stages.losses import committee as cl
+from kdcache.pipeline.config import load_config
+from kdcache.stages import precompute, prepare, train
+from kdcache.stages.data import CachedKDDataset, to_device
+from kdcache.stages.evaluate import committee_weights, evaluate_model
+from kdcache.stages.losses import committee as cl
 
 OUT = Path("runs/experiments/committee")
 MEMBERS = ["teacher", "comp"]

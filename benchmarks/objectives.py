@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, EvaluateConfig, PrecomputeConfig, PrepareConfig, TrainConfig
-from stages import precompute, prepare, train
-from stages.data import CachedKDDataset, to_device
-from stages.evaluate import evaluate_model
-from stages.losses import compute_objective
-from stages.models import build_student
+from kdcache.pipeline.config import Config, EvaluateConfig, PrecomputeConfig, PrepareConfig, TrainConfig
+from kdcache.stages import precompute, prepare, train
+from kdcache.stages.data import CachedKDDataset, to_device
+from kdcache.stages.evaluate import evaluate_model
+from kdcache.stages.losses import compute_objective
+from kdcache.stages.models import build_student
 
 OUT = Path("runs/experiments/objectives")
 

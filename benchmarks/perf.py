@@ -2,9 +2,9 @@
 
   1. precompute wall time / a bare teacher forward over the same batches, on shards of the demo's shape
      (32 sequences of 256 tokens): the whole run, and its per-shard tasks alone
-  2. the reader through the public API, pinned to one core, on the shards precompute just wrote: storage.read_shard
+  2. the reader through the public API, pinned to one core, on the shards precompute just wrote: kdcache.storage.read_shard
      (read + verify + decode) in tokens/s through a freshly opened store (every shard hashed) and through one open
-     store (hashed once), storage.read_sequence, the trainer's stream (CachedKDDataset: read + decode + batch), and
+     store (hashed once), kdcache.storage.read_sequence, the trainer's stream (CachedKDDataset: read + decode + batch), and
      read_shard / the trainer's consumption (tokens per offline-KD step time)
   3. offline-KD training step / plain CE step, same student, same batches
   4. offline-KD step vs online KD with the teacher in memory (dense teacher logits): speed-up and peak RSS saved
@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.config import load_config
-from stages import precompute, prepare, train
-from stages.data import CachedKDDataset, Prefetcher
-from stages.losses import compute_objective
-from stages.models import build_student
-from stages.schedules import WarmupCosineLR
-from storage import open_store, read_sequence, read_shard
-from storage.codecs import sample_draws
+from kdcache.pipeline.config import load_config
+from kdcache.stages import precompute, prepare, train
+from kdcache.stages.data import CachedKDDataset, Prefetcher
+from kdcache.stages.losses import compute_objective
+from kdcache.stages.models import build_student
+from kdcache.stages.schedules import WarmupCosineLR
+from kdcache.storage import open_store, read_sequence, read_shard
+from kdcache.storage.codecs import sample_draws
 
 TEACHER = "default"
 STUDENT = "layerdrop:6"
@@ -363,7 +363,7 @@ def table(r: dict) -> str:
                     f"fixed setup {p['setup_s']:.2f} s) | ≤ 1.10 | {ok(p['ratio_wall'] <= 1.10)} |")
     if rd:
         rate = rd["read_shard_tokens_per_s"]
-        rows.append(f"| 2a | reader, `storage.read_shard` (read + sha256 + decode) of {rd['shard_tokens']:,}-token "
+        rows.append(f"| 2a | reader, `kdcache.storage.read_shard` (read + sha256 + decode) of {rd['shard_tokens']:,}-token "
                     f"{rd['kind']} shards, 1 core | {rate / 1e6:.2f} M tokens/s (through one open store, hashed "
                     f"once: {rd['read_shard_warm_tokens_per_s'] / 1e6:.2f} M) | ≥ 1 M | {ok(rate >= 1e6)} |")
         if st:
@@ -372,7 +372,7 @@ def table(r: dict) -> str:
                         f"{ok(rate / st['trainer_tokens_per_s'] >= 20)} |")
         rows.append(f"| 2c | trainer's stream (`CachedKDDataset`: read + decode + batch {rd['batch']}), 1 core | "
                     f"{rd['dataset_tokens_per_s'] / 1e6:.2f} M tokens/s | | |")
-        rows.append(f"| 2d | `storage.read_sequence`, every sequence in turn, 1 core | "
+        rows.append(f"| 2d | `kdcache.storage.read_sequence`, every sequence in turn, 1 core | "
                     f"{rd['read_sequence_tokens_per_s'] / 1e6:.2f} M tokens/s | | |")
     if st:
         rows += [f"| 3 | offline-KD step ÷ plain CE step (same student, batch {st['batch']}) | {st['kd_over_ce']:.3f} "
@@ -421,7 +421,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.probe:
         return rss_probe(args.probe_run, args.probe, args.threads)
-    from pipeline.cli import _quiet_libraries
+    from kdcache.pipeline.cli import _quiet_libraries
 
     _quiet_libraries()
     torch.set_num_threads(args.threads)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import _arrow, _zarr, open_store, read_shard
-from storage.codecs import decode_signal, decode_throughput, encode_signal
+from kdcache.storage import _arrow, _zarr, open_store, read_shard
+from kdcache.storage.codecs import decode_signal, decode_throughput, encode_signal
 
 # name -> (backend module, write options)
 SETTINGS = {
@@ -113,7 +113,7 @@ def markdown(results: dict) -> str:
             for name, b in r["per_array_bytes_per_token"].items():
                 lines.append(f"| {r['value_encoding']} | `{name}` | {b:.2f} |")
     lines += ["", "Decode throughput, one core (median of 5; synthetic signals of 262,144 positions, "
-              "`storage.codecs.decode_throughput`):", "", "| kind | value encoding | V | tokens/s |", "|---|---|---|---|"]
+              "`kdcache.storage.codecs.decode_throughput`):", "", "| kind | value encoding | V | tokens/s |", "|---|---|---|---|"]
     for r in results["decode"]:
         lines.append(f"| {r['kind']} | {r['value_encoding']} | {r['vocab_size']} | {r['tokens_per_s'] / 1e6:.1f} M |")
     lines += ["", "Read from disk + decode of the real shards (page cache warm), one core:", "",

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import TEACHER_SOURCE, Config, check_source_name, load_config, save_config
-from pipeline.errors import KdcacheError
-from pipeline.freshness import mark_done, precompute_stage, write_stamps
+from kdcache.pipeline.config import TEACHER_SOURCE, Config, check_source_name, load_config, save_config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.pipeline.freshness import mark_done, precompute_stage, write_stamps
 
 DEBUG = {"on": False}
 
@@ -50,7 +50,7 @@ def cli(debug: bool):
 @click.option("--overwrite", is_flag=True, help="Replace an existing token store built from other inputs.")
 def prepare(cfg: Config, overwrite: bool):
     """Tokenise the dataset into a token store (RUN/tokens)."""
-    from stages import prepare as stage
+    from kdcache.stages import prepare as stage
 
     stage.run(cfg, overwrite=overwrite)
     mark_done(cfg, "prepare")
@@ -67,7 +67,7 @@ def prepare(cfg: Config, overwrite: bool):
               help="The model of --source: a local dir, .gguf file or hub id (default precompute.teacher).")
 def precompute(cfg: Config, scheduler: str | None, overwrite: bool, source: str | None, model: str | None):
     """Run the teacher and every precompute.members entry once; cache each one's signal (RUN/signals/<source>)."""
-    from stages import precompute as stage
+    from kdcache.stages import precompute as stage
 
     if model is not None and source is None:
         raise KdcacheError("--model needs --source NAME: the signal store the model's signal is cached in")
@@ -99,7 +99,7 @@ def _source_model(cfg: Config, source: str) -> str | None:
 def assistants(cfg: Config, overwrite: bool):
     """MiniDisc: prune the teacher, train one slimmable assistant from the cache, choose by P + λ·sparsity
     (RUN/assistants: ta_plan.json, ta_tradeoff.png, chosen/)."""
-    from stages import assistants as stage
+    from kdcache.stages import assistants as stage
 
     plan = stage.run(cfg, overwrite=overwrite)
     mark_done(cfg, "assistants", {"chosen_sparsity": plan["chosen"]["sparsity"]})
@@ -115,7 +115,7 @@ def assistants(cfg: Config, overwrite: bool):
 @click.option("--no-resume", is_flag=True, help="Start from step 0 even if checkpoints exist.")
 def train(cfg: Config, loss: str | None, no_adaptive: bool, no_resume: bool):
     """Train the student from the cached signal (RUN/student); resumes from the last checkpoint."""
-    from stages import train as stage
+    from kdcache.stages import train as stage
 
     if loss is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=loss))
@@ -131,7 +131,7 @@ def train(cfg: Config, loss: str | None, no_adaptive: bool, no_resume: bool):
 @config_options
 def evaluate(cfg: Config):
     """Compare trained and untrained student with the teacher on held-out data (RUN/eval)."""
-    from stages import evaluate as stage
+    from kdcache.stages import evaluate as stage
 
     stage.run(cfg)
     mark_done(cfg, "evaluate")
@@ -145,14 +145,14 @@ def evaluate(cfg: Config):
                    "assistant -> train from the assistant's cache -> evaluate against the teacher.")
 def run(cfg: Config, scheduler: str | None, assistant: bool):
     """The whole chain: prepare -> precompute -> train -> evaluate (each resumes or skips finished work)."""
-    from stages import evaluate, precompute, prepare, train
+    from kdcache.stages import evaluate, precompute, prepare, train
 
     prepare.run(cfg)
     mark_done(cfg, "prepare")
     precompute.run(cfg, scheduler=scheduler)
     mark_done(cfg, "precompute")
     if assistant:
-        from stages import assistants
+        from kdcache.stages import assistants
 
         assistants.run(cfg)
         mark_done(cfg, "assistants")
@@ -181,7 +181,7 @@ def stamps(cfg: Config):
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def inspect(store: str, as_json: bool):
     """Describe a token or signal store: kind, sizes, bytes per token, teacher mass covered."""
-    from stages.inspect import describe
+    from kdcache.stages.inspect import describe
 
     info = describe(Path(store))
     if as_json:
@@ -197,8 +197,8 @@ def inspect(store: str, as_json: bool):
 def verify(store: str, as_json: bool):
     """Check every shard of a store (present, committed, checksums, readable, shapes) and its manifest; list ALL
     problems, one line each. Exit code 0 when clean, 1 when there are problems."""
-    from stages.progress import track
-    from storage.tools import verify_store
+    from kdcache.stages.progress import track
+    from kdcache.storage.tools import verify_store
 
     problems, checked = verify_store(Path(store), track=None if as_json else track)
     if as_json:
@@ -220,8 +220,8 @@ def verify(store: str, as_json: bool):
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at DST made from other inputs.")
 def convert(src: str, dst: str, backend: str, overwrite: bool):
     """Rewrite a store into another backend at DST, shard by shard (same arrays and fingerprint; resumable)."""
-    from stages.progress import track
-    from storage.tools import convert_store
+    from kdcache.stages.progress import track
+    from kdcache.storage.tools import convert_store
 
     store = convert_store(Path(src), Path(dst), backend, overwrite=overwrite, track=track)
     click.echo(f"convert: {len(store.manifest.shards)} shards, {store.nbytes() / 1e6:.1f} MB ({backend}) -> {dst}")
@@ -231,7 +231,7 @@ def convert(src: str, dst: str, backend: str, overwrite: bool):
 @click.argument("run_dir", type=click.Path(), default="runs/default")
 def report(run_dir: str):
     """Markdown + HTML report with PNG plots of a run folder or a folder of runs (RUN/report)."""
-    from stages import report as stage
+    from kdcache.stages import report as stage
 
     stage.run(Path(run_dir))
 
@@ -239,7 +239,7 @@ def report(run_dir: str):
 @cli.command()
 def doctor():
     """Check the environment: packages, device, the default teacher, disk; print what is missing and how to fix it."""
-    from pipeline.doctor import report, run_checks
+    from kdcache.pipeline.doctor import report, run_checks
 
     text, healthy = report(run_checks())
     click.echo(text)
@@ -263,7 +263,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2 (tracebacks with --debug)."""
-    from storage.errors import StoreError
+    from kdcache.storage.errors import StoreError
 
     _quiet_libraries()
     try:

@@ -13,7 +13,7 @@ def cli_reference() -> str:
     """The output of `kdcache --help` and of every `kdcache COMMAND --help`, as Markdown."""
     from click.testing import CliRunner
 
-    from pipeline.cli import cli
+    from kdcache.pipeline.cli import cli
 
     runner = CliRunner()
     parts = []

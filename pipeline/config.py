@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import KdcacheError
+from kdcache.pipeline.errors import KdcacheError
 
 
 BACKENDS = ("zarr", "arrow")  # storage backends (storage/_zarr.py, storage/_arrow.py)

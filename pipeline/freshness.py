@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.config import TEACHER_SOURCE, Config
+from kdcache.pipeline.config import TEACHER_SOURCE, Config
 
 STAGES_DIR = ".stages"
 

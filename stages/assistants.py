@@ -26,19 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Config
-from pipeline.errors import KdcacheError
-from stages import pruning
-from stages.data import CachedKDDataset, Prefetcher
-from stages.evaluate import validation_batches, validation_sequences
-from stages.losses import ObjectiveSpec, compute_objective
-from stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path
-from stages.progress import progress, track
-from stages.pruning import Width
-from stages.report import markdown_table, plot_tradeoff
-from stages.runtime import pick_device
-from stages.schedules import WarmupCosineLR
-from stages.train import loss_inputs, open_stores
+from kdcache.pipeline.config import Config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages import pruning
+from kdcache.stages.data import CachedKDDataset, Prefetcher
+from kdcache.stages.evaluate import validation_batches, validation_sequences
+from kdcache.stages.losses import ObjectiveSpec, compute_objective
+from kdcache.stages.models import load_teacher, load_tokenizer, model_fingerprint, resolve_model_path
+from kdcache.stages.progress import progress, track
+from kdcache.stages.pruning import Width
+from kdcache.stages.report import markdown_table, plot_tradeoff
+from kdcache.stages.runtime import pick_device
+from kdcache.stages.schedules import WarmupCosineLR
+from kdcache.stages.train import loss_inputs, open_stores
 
 INIT, TRAINED, CHOSEN = "slimmable-init", "slimmable", "chosen"
 PLAN, PLOT, CANDIDATES, INPUTS = "ta_plan.json", "ta_tradeoff.png", "candidates.json", "inputs.json"

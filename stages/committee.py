@@ -3,7 +3,7 @@
     alpha_m(t) = softmax_m(<W h_t, e_m> / sqrt(d))       h_t (H,) the student's last hidden state at position t,
                                                         W (d, H), e_m (d,) a learned embedding per member
 
-It is trained with its own AdamW on the mixture likelihood of the ground truth (stages.losses.committee.mixture_nll)
+It is trained with its own AdamW on the mixture likelihood of the ground truth (kdcache.stages.losses.committee.mixture_nll)
 and reads h_t *detached*: the module's objective is about which member to trust, not about the student's own
 prediction, so it must not reshape the student's representation (and the student's gradient stays exactly
 its KD gradient). It lives beside the student: checkpointed with the run (committee.safetensors), never part of

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from storage import Store, decode_signal
-from storage.codecs import pad_signal
+from kdcache.storage import Store, decode_signal
+from kdcache.storage.codecs import pad_signal
 
 
 def epoch_order(n_shards: int, shard_sizes: list[int], seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:

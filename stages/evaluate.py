@@ -18,17 +18,17 @@ import math
 import torch
 from safetensors.torch import load_model
 
-from pipeline.config import Config
-from pipeline.errors import KdcacheError
-from stages.committee import TOKEN_CLASSES, token_classes
-from stages.data import CachedKDDataset, to_device
-from stages.losses import ObjectiveSpec, compute_objective
-from stages.losses import committee as committee_loss
-from stages.losses.targets import teacher_topk
-from stages.models import load_tokenizer
-from stages.progress import progress
-from stages.runtime import pick_device
-from stages.train import (Committee, latest_checkpoint, loss_inputs, open_committee, open_stores, output_head,
+from kdcache.pipeline.config import Config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages.committee import TOKEN_CLASSES, token_classes
+from kdcache.stages.data import CachedKDDataset, to_device
+from kdcache.stages.losses import ObjectiveSpec, compute_objective
+from kdcache.stages.losses import committee as committee_loss
+from kdcache.stages.losses.targets import teacher_topk
+from kdcache.stages.models import load_tokenizer
+from kdcache.stages.progress import progress
+from kdcache.stages.runtime import pick_device
+from kdcache.stages.train import (Committee, latest_checkpoint, loss_inputs, open_committee, open_stores, output_head,
                           student_hidden)
 
 KL_SPEC = ObjectiveSpec(name="kl", tail="bucket")
@@ -98,7 +98,7 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
 @torch.no_grad()
 def committee_weights(cfg: Config, device, max_sequences: int | None) -> dict | None:
     """How the trained student of a committee run weighs its members on the held-out loss positions: the mean
-    alpha per member over all positions, by the class of the true next token (stages.committee.TOKEN_CLASSES)
+    alpha per member over all positions, by the class of the true next token (kdcache.stages.committee.TOKEN_CLASSES)
     and by whether the first member's top-1 is right, next to the share of positions where each member gives
     the true token the most probability (which member *should* be trusted there). None, with one line saying
     why, when a learned module has no checkpoint to load."""

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import open_store, read_shard
-from storage.codecs import sample_draws
-from storage.store import SHARDS_DIR
+from kdcache.storage import open_store, read_shard
+from kdcache.storage.codecs import sample_draws
+from kdcache.storage.store import SHARDS_DIR
 
 
 def bytes_on_disk(path: Path) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import KdcacheError
+from kdcache.pipeline.errors import KdcacheError
 
 DEFAULT_TEACHER = "default"
 DEFAULT_TEACHER_NAME = "SmolLM2-135M-Instruct"

@@ -18,16 +18,16 @@ from pathlib import Path
 import dask
 import torch
 
-from pipeline.config import Config, check_source_name
-from pipeline.errors import KdcacheError
-from stages.models import (load_teacher, model_fingerprint, model_tokenizer_fingerprint,
+from kdcache.pipeline.config import Config, check_source_name
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages.models import (load_teacher, model_fingerprint, model_tokenizer_fingerprint,
                            resolve_model_path)
-from stages.progress import progress
-from stages.runtime import pick_device
-from stages.signals import concat_signals, extract_signal, shard_generator
-from storage import Manifest, Store, encode_signal
-from storage.codecs import sample_draws
-from storage.manifest import read_manifest
+from kdcache.stages.progress import progress
+from kdcache.stages.runtime import pick_device
+from kdcache.stages.signals import concat_signals, extract_signal, shard_generator
+from kdcache.storage import Manifest, Store, encode_signal
+from kdcache.storage.codecs import sample_draws
+from kdcache.storage.manifest import read_manifest
 
 _TEACHERS: dict = {}  # per worker process: teacher spec -> model, so each worker loads a source once
 

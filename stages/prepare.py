@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, PrepareConfig
-from pipeline.errors import KdcacheError
-from stages.models import load_tokenizer, tokenizer_fingerprint
-from stages.progress import progress, track
-from storage import Manifest, Store, make_layout
-from storage.codecs import id_dtype
+from kdcache.pipeline.config import Config, PrepareConfig
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages.models import load_tokenizer, tokenizer_fingerprint
+from kdcache.stages.progress import progress, track
+from kdcache.storage import Manifest, Store, make_layout
+from kdcache.storage.codecs import id_dtype
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 TEXT_SUFFIXES = (".jsonl", ".json", ".txt", ".csv")

@@ -20,7 +20,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from pipeline.errors import KdcacheError
+from kdcache.pipeline.errors import KdcacheError
 
 LINE_DELAY = 5.0       # seconds of work before the first line in a log, unless TQDM_DELAY says otherwise
 LINE_INTERVAL = 30.0   # seconds between two lines in a log, unless TQDM_MININTERVAL says otherwise

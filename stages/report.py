@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import KdcacheError
+from kdcache.pipeline.errors import KdcacheError
 
 REPORT_DIR = "report"
 STUDENT_DIR = "student"   # train.output's default: such a student is labelled by its run alone
@@ -90,7 +90,7 @@ def read_json(path: Path):
 
 def training_logs(root: Path) -> dict[str, StudentLog]:
     """{student label: its log} of every training log (RUN/<train.output>/metrics.jsonl) with steps."""
-    from stages.train import latest_checkpoint
+    from kdcache.stages.train import latest_checkpoint
 
     logs = {}
     for path in find(root, "**/metrics.jsonl"):
@@ -104,8 +104,8 @@ def training_logs(root: Path) -> dict[str, StudentLog]:
 
 def signal_stores(root: Path, max_positions: int = 200_000) -> dict[str, StoreSummary]:
     """{label: summary} of every finished signal store below root (coverage from up to max_positions positions)."""
-    from stages.inspect import mass_covered
-    from storage import StoreError, open_store, read_shard
+    from kdcache.stages.inspect import mass_covered
+    from kdcache.storage import StoreError, open_store, read_shard
 
     stores = {}
     for manifest in find(root, "**/signals/*/manifest.json"):
@@ -431,7 +431,7 @@ def plot_committee_weights(weights: dict, title: str, out: Path) -> None:
 # ---- sections -------------------------------------------------------------------------------------------
 
 def metrics_section(root: Path) -> Section | None:
-    from stages.evaluate import percent
+    from kdcache.stages.evaluate import percent
 
     files = find(root, "**/eval/metrics.json")
     if not files:
@@ -522,7 +522,7 @@ def fidelity_section(stores: dict[str, StoreSummary], bench: list[dict], out_dir
 
 
 def tradeoff_sections(root: Path, out_dir: Path) -> list[Section]:
-    from stages.assistants import table_rows
+    from kdcache.stages.assistants import table_rows
 
     plans = find(root, "**/assistants/ta_plan.json")
     sections = []

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import KdcacheError
+from kdcache.pipeline.errors import KdcacheError
 
 
 def pick_device(spec: str = "auto") -> torch.device:

@@ -17,7 +17,7 @@ import hashlib
 import numpy as np
 import torch
 
-from pipeline.config import SAMPLE_DRAWS
+from kdcache.pipeline.config import SAMPLE_DRAWS
 
 CHUNK_BYTES = 4 << 20  # logits per topk_signal chunk: a few MB stay in cache from the logsumexp to the topk pass
 
@@ -128,7 +128,7 @@ def to_numpy_signal(ids: torch.Tensor, logprobs: torch.Tensor, lognorm: torch.Te
 
 def extract_signal(kind: str, logits: torch.Tensor, k: int, n_samples: int, generator: torch.Generator | None,
                    draws: str = "iid") -> dict[str, np.ndarray]:
-    """Teacher logits (b, T, V) -> the numpy signal of `kind` in the codec's input format (storage.encode_signal)."""
+    """Teacher logits (b, T, V) -> the numpy signal of `kind` in the codec's input format (kdcache.storage.encode_signal)."""
     if kind == "topk":
         return to_numpy_signal(*topk_signal(logits, k))
     if kind == "sample":
@@ -154,9 +154,9 @@ def concat_signals(kind: str, parts: list[dict[str, np.ndarray]]) -> dict[str, n
 
 def sparse_target(ids: torch.Tensor, logprobs: torch.Tensor, lognorm: torch.Tensor):
     """Batched decoded signal tensors (B, T, C)/(B, T) -> a SparseTarget over flattened positions (B*T, C).
-    Works for every kind: the decoder (storage.decode_signal) gives all of them the same form, unused slots
+    Works for every kind: the decoder (kdcache.storage.decode_signal) gives all of them the same form, unused slots
     with logprob -inf and the row's first id."""
-    from stages.losses.targets import SparseTarget
+    from kdcache.stages.losses.targets import SparseTarget
 
     k = ids.shape[-1]
     return SparseTarget(ids=ids.reshape(-1, k).long(), logprobs=logprobs.reshape(-1, k).float(),

@@ -9,7 +9,7 @@ token count of the step and the gradients are summed over the ranks once per ste
 single-process one with batch_size x world. Rank 0 writes the log, the checkpoints (which record the world size
 and every rank's stream position) and the student. A single process takes none of these detours.
 With train.committee the student reads several sources in lockstep and learns from their weighted mix
-(stages.losses.committee; weights learned by stages.committee.TeacherUnderstanding, or a baseline).
+(kdcache.stages.losses.committee; weights learned by kdcache.stages.committee.TeacherUnderstanding, or a baseline).
 """
 from __future__ import annotations
 
@@ -25,19 +25,19 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 
-from pipeline.config import TEACHER_SOURCE, Config, TrainConfig
-from pipeline.errors import KdcacheError
-from pipeline.freshness import stage_inputs
-from stages.committee import TeacherUnderstanding
-from stages.data import CachedKDDataset, Prefetcher, signal_key
-from stages.losses import ObjectiveSpec, compute_objective
-from stages.losses import committee as committee_loss
-from stages.models import (build_student, load_tokenizer, model_fingerprint, model_tokenizer_fingerprint)
-from stages.progress import progress
-from stages.runtime import all_reduce_sum, autocast, init_distributed, pick_device
-from stages.schedules import TAIDSchedule, WarmupCosineLR
-from stages.signals import sparse_target
-from storage import Store
+from kdcache.pipeline.config import TEACHER_SOURCE, Config, TrainConfig
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.pipeline.freshness import stage_inputs
+from kdcache.stages.committee import TeacherUnderstanding
+from kdcache.stages.data import CachedKDDataset, Prefetcher, signal_key
+from kdcache.stages.losses import ObjectiveSpec, compute_objective
+from kdcache.stages.losses import committee as committee_loss
+from kdcache.stages.models import (build_student, load_tokenizer, model_fingerprint, model_tokenizer_fingerprint)
+from kdcache.stages.progress import progress
+from kdcache.stages.runtime import all_reduce_sum, autocast, init_distributed, pick_device
+from kdcache.stages.schedules import TAIDSchedule, WarmupCosineLR
+from kdcache.stages.signals import sparse_target
+from kdcache.storage import Store
 
 CHECKPOINT_PREFIX = "step-"
 TENSORBOARD_DIR = "tensorboard"

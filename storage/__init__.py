@@ -10,7 +10,7 @@ Public reading API (used by the trainer, `kdcache inspect` and outside tools ali
     >>> sig = read_sequence(signals, "validation", 0)    # {"ids": (T, C) int64, "logprobs": (T, C) float32,
     ...                                                  #  "lognorm": (T,) float32}
 
-Every signal kind (topk, sample, hybrid; see storage.codecs) decodes to the same sparse target: teacher
+Every signal kind (topk, sample, hybrid; see kdcache.storage.codecs) decodes to the same sparse target: teacher
 log-probability estimates over the full vocabulary of C ids per position, -inf marking an unused slot. For topk,
 exp(logprobs) are the exact support probabilities, the tail mass is 1 - exp(logprobs).sum(-1), and the teacher
 logits of the support are logprobs + lognorm[..., None].
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.codecs import decode_signal, decode_topk, encode_signal, encode_topk
-from storage.errors import StoreError
-from storage.manifest import Manifest, ShardRecord
-from storage.store import Store, files_unchanged, make_layout
+from kdcache.storage.codecs import decode_signal, decode_topk, encode_signal, encode_topk
+from kdcache.storage.errors import StoreError
+from kdcache.storage.manifest import Manifest, ShardRecord
+from kdcache.storage.store import Store, files_unchanged, make_layout
 
 __all__ = ["Manifest", "ShardRecord", "Store", "StoreError", "decode_signal", "decode_topk", "encode_signal",
            "encode_topk", "make_layout", "open_store", "read_sequence", "read_shard"]

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from storage.errors import StoreError
+from kdcache.storage.errors import StoreError
 
 KINDS = ("topk", "sample", "hybrid")
 VALUE_ENCODINGS = ("float16", "float32", "int8")

@@ -16,7 +16,7 @@ import os
 import socket
 from pathlib import Path
 
-from storage.errors import StoreError
+from kdcache.storage.errors import StoreError
 
 LOCK_NAME = ".writer.lock"
 

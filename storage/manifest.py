@@ -14,7 +14,7 @@ from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
-from storage.errors import StoreError
+from kdcache.storage.errors import StoreError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import _arrow, _zarr
-from storage.errors import StoreError
-from storage.lock import LOCK_NAME, acquire_writer_lock
-from storage.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest, write_manifest
+from kdcache.storage import _arrow, _zarr
+from kdcache.storage.errors import StoreError
+from kdcache.storage.lock import LOCK_NAME, acquire_writer_lock
+from kdcache.storage.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest, write_manifest
 
 BACKENDS = {"zarr": _zarr, "arrow": _arrow}
 COMMIT_NAME = "_commit.json"
@@ -144,7 +144,7 @@ class Store:
         # shard name -> (files signature, checksum) of its last verified read: a shard is hashed once per open
         # store, and again whenever a file of it changes (see read_files)
         self._verified: dict[str, tuple[tuple, str]] = {}
-        self.last_read = None  # (shard name, files signature, decoded arrays): storage.read_sequence's last shard
+        self.last_read = None  # (shard name, files signature, decoded arrays): kdcache.storage.read_sequence's last shard
 
     def close(self) -> None:
         """Give up the writer lock (a no-op for stores opened for reading)."""

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.codecs import (KINDS, MAX_SAMPLES, ROWS, VALUE_ENCODINGS, decode_signal, id_bits, id_dtype,
+from kdcache.storage.codecs import (KINDS, MAX_SAMPLES, ROWS, VALUE_ENCODINGS, decode_signal, id_bits, id_dtype,
                             ids_packed, stored_arrays)
-from storage.errors import StoreError
-from storage.lock import LOCK_NAME
-from storage.manifest import MANIFEST_NAME, Manifest, code_version, read_manifest
-from storage.store import (BACKENDS, COMMIT_NAME, SHARDS_DIR, Store, content_hash, file_checksums,
+from kdcache.storage.errors import StoreError
+from kdcache.storage.lock import LOCK_NAME
+from kdcache.storage.manifest import MANIFEST_NAME, Manifest, code_version, read_manifest
+from kdcache.storage.store import (BACKENDS, COMMIT_NAME, SHARDS_DIR, Store, content_hash, file_checksums,
                            shard_checksum)
 
 SIGNAL_FINGERPRINTS = ("teacher", "tokenizer", "token_store")
@@ -193,7 +193,7 @@ def _shard_problems(store: Store, rec, committed_record) -> list[str]:
 
 def verify_store(path: str | Path, track=None) -> tuple[list[str], int]:
     """All problems of a store (one line each, naming the file and the problem) and how many shards were checked.
-    `track(iterable, total, desc, unit)`, e.g. stages.progress.track, shows progress over the shards (storage
+    `track(iterable, total, desc, unit)`, e.g. kdcache.stages.progress.track, shows progress over the shards (storage
     itself shows none)."""
     path = Path(path)
     try:

@@ -93,7 +93,7 @@ def tiny_overrides(run_dir: Path, teacher: Path, **extra) -> list[str]:
 def train_interrupted(cfg, monkeypatch, after_step: int) -> None:
     """Run train on `cfg` and interrupt it (KeyboardInterrupt, as Ctrl-C) just before step after_step + 1; the
     stage is then ready to be run again, to resume."""
-    from stages import train
+    from kdcache.stages import train
 
     real = train._train_step
 

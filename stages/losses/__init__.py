@@ -16,12 +16,12 @@ from typing import Callable
 
 import torch
 
-from stages.losses.chunking import chunked_sum
-from stages.losses.divergences import (DIVERGENCES, TAIL_MODES, ce, ce_rows, divergence_rows, jsd, kl, rkl, skl,
+from kdcache.stages.losses.chunking import chunked_sum
+from kdcache.stages.losses.divergences import (DIVERGENCES, TAIL_MODES, ce, ce_rows, divergence_rows, jsd, kl, rkl, skl,
                                        srkl, tvd)
-from stages.losses.rlkd import rank_loss, rank_rows
-from stages.losses.taid import taid, taid_rows
-from stages.losses.targets import SparseTarget, Target, compute_dtype, teacher_topk
+from kdcache.stages.losses.rlkd import rank_loss, rank_rows
+from kdcache.stages.losses.taid import taid, taid_rows
+from kdcache.stages.losses.targets import SparseTarget, Target, compute_dtype, teacher_topk
 
 RLKD_BASES = tuple(DIVERGENCES)                                   # rlkd+<base> for every KL-family divergence
 LOSS_NAMES: tuple[str, ...] = ("ce", *DIVERGENCES, "taid", "rlkd", *(f"rlkd+{b}" for b in RLKD_BASES))
@@ -163,7 +163,7 @@ def compute_objective(student_out: torch.Tensor, target: Target | None, labels: 
     given). The caller divides loss_sum by the global token count once.
     """
     if spec.base == "taid" and taid_t is None:
-        raise ValueError("loss 'taid' needs taid_t (from stages.schedules.TAIDSchedule)")
+        raise ValueError("loss 'taid' needs taid_t (from kdcache.stages.schedules.TAIDSchedule)")
     if target is None and spec.name != "ce":
         raise ValueError(f"loss {spec.name!r} needs a teacher target")
     mask = mask.bool()

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from stages.losses.targets import SparseTarget
+from kdcache.stages.losses.targets import SparseTarget
 
 
 def _rows(arg, sl: slice):

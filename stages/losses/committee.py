@@ -25,10 +25,10 @@ from typing import Callable
 
 import torch
 
-from stages.losses import ObjectiveSpec, agreement_counts, keeps_vocab_sized_activations, kd_rows
-from stages.losses.chunking import chunked_sum
-from stages.losses.divergences import ce_rows
-from stages.losses.targets import SparseTarget, Target, tail_logmass
+from kdcache.stages.losses import ObjectiveSpec, agreement_counts, keeps_vocab_sized_activations, kd_rows
+from kdcache.stages.losses.chunking import chunked_sum
+from kdcache.stages.losses.divergences import ce_rows
+from kdcache.stages.losses.targets import SparseTarget, Target, tail_logmass
 
 _LOSS, _KD, _CE, _RANK, _TOP1, _TOP5 = range(6)
 
@@ -76,7 +76,7 @@ def committee_objective(student_out: torch.Tensor, targets: list[Target], weight
     if spec.name == "ce":
         raise ValueError("a committee needs a distillation loss, not 'ce'")
     if spec.base == "taid" and taid_t is None:
-        raise ValueError("loss 'taid' needs taid_t (from stages.schedules.TAIDSchedule)")
+        raise ValueError("loss 'taid' needs taid_t (from kdcache.stages.schedules.TAIDSchedule)")
     if not targets or weights.shape != (student_out.shape[0], len(targets)):
         raise ValueError(f"weights must be (N, M) = ({student_out.shape[0]}, {len(targets)}), "
                          f"got {tuple(weights.shape)}")

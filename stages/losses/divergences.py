@@ -25,8 +25,8 @@ from typing import Callable
 
 import torch
 
-from stages.losses.support import scaled_logits, support_logsumexp
-from stages.losses.targets import (SparseTarget, Target, compute_dtype, log_missing_ids, teacher_support,
+from kdcache.stages.losses.support import scaled_logits, support_logsumexp
+from kdcache.stages.losses.targets import (SparseTarget, Target, compute_dtype, log_missing_ids, teacher_support,
                                    unused_slots)
 
 TAIL_MODES = ("bucket", "renorm", "uniform")

@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from stages.losses.divergences import masked_sum
-from stages.losses.targets import SparseTarget, Target, compute_dtype, log_missing_ids, tail_logmass, teacher_topk
+from kdcache.stages.losses.divergences import masked_sum
+from kdcache.stages.losses.targets import SparseTarget, Target, compute_dtype, log_missing_ids, tail_logmass, teacher_topk
 
 RANK_TEMPERATURE = 0.1  # pairwise-sigmoid sharpness; differences of ~0.5 nat/logit already rank almost hard
 _VAR_EPS = 1e-12        # a row whose values all tie has no ordering: correlation 0 there instead of 0/0

@@ -3,7 +3,7 @@
     p_t  = softmax((1 - t) * stopgrad(z) + t * z_teacher)     (logit space, float32 or wider)
     loss = -sum_v p_t[v] log q[v]                              (the reference's CE value; grad == KL(p_t || q)'s)
 
-t itself is owned by `stages.schedules.TAIDSchedule`, not by the loss. With temperature tau, z -> z / tau, the
+t itself is owned by `kdcache.stages.schedules.TAIDSchedule`, not by the loss. With temperature tau, z -> z / tau, the
 teacher is tempered as in `targets.py`, and the loss is multiplied by tau**2 (tau = 1 is the paper's setting).
 
 Teacher logits off a sparse support follow the tail mode, so TAID agrees with the KL family:
@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from stages.losses.divergences import UNUSED_LOGPROB, masked_sum
-from stages.losses.targets import SparseTarget, Target, compute_dtype, log_missing_ids, teacher_support, unused_slots
+from kdcache.stages.losses.divergences import UNUSED_LOGPROB, masked_sum
+from kdcache.stages.losses.targets import SparseTarget, Target, compute_dtype, log_missing_ids, teacher_support, unused_slots
 
 
 def _teacher_full_logprobs(logq: torch.Tensor, target: SparseTarget, tail: str, temperature: float) -> torch.Tensor:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import KdcacheError
-from stages import assistants, precompute, prepare
+from kdcache.pipeline.cli import main
+from kdcache.pipeline.config import load_config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages import assistants, precompute, prepare
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -92,7 +92,7 @@ def test_slimmable_training_never_constructs_the_teacher(tmp_path, cached_run, t
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
 
-    import stages.models
+    import kdcache.stages.models
 
     cfg = _cfg(tmp_path, cached_run, tiny_teacher)
     tokens, signals = assistants.open_stores(cfg)
@@ -116,7 +116,7 @@ def test_slimmable_training_never_constructs_the_teacher(tmp_path, cached_run, t
 
     monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "__init__", spy_init)
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy_load)
-    for module in (stages.models, assistants, precompute):
+    for module in (kdcache.stages.models, assistants, precompute):
         monkeypatch.setattr(module, "load_teacher", no_teacher)
     assistants.train_slimmable(cfg, tokens, signals, cfg.assistants_dir, widths)
     assert loaded == [(cfg.assistants_dir / "slimmable-init").resolve()]
@@ -128,7 +128,7 @@ def test_slimmable_training_never_constructs_the_teacher(tmp_path, cached_run, t
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="GNU make not installed")
 def test_make_runs_the_assistant_chain_and_reruns_only_what_changed(tmp_path):
-    from pipeline.freshness import mark_done, write_stamps
+    from kdcache.pipeline.freshness import mark_done, write_stamps
 
     installed = tmp_path / "installed"
     installed.touch()
@@ -141,7 +141,7 @@ def test_make_runs_the_assistant_chain_and_reruns_only_what_changed(tmp_path):
                               f"PYTHON={sys.executable}", f"STAMP={installed}", f"ARGS={args}"],
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert out.returncode == 0, out.stderr
-        return [s for s in stages if f"pipeline.cli {s} " in out.stdout]
+        return [s for s in stages if f"kdcache.pipeline.cli {s} " in out.stdout]
 
     def finish_all(*overrides):
         import time

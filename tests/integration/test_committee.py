@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import KdcacheError
-from pipeline.freshness import stage_inputs
-from stages import evaluate, precompute, prepare, train
-from stages.data import CachedKDDataset, signal_key
-from storage import Store
+from kdcache.pipeline.cli import main
+from kdcache.pipeline.config import load_config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.pipeline.freshness import stage_inputs
+from kdcache.stages import evaluate, precompute, prepare, train
+from kdcache.stages.data import CachedKDDataset, signal_key
+from kdcache.storage import Store
 from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides, train_interrupted
 
 pytestmark = pytest.mark.integration

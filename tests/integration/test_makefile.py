@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.freshness import mark_done, stage_inputs, write_stamps
+from kdcache.pipeline.config import load_config
+from kdcache.pipeline.freshness import mark_done, stage_inputs, write_stamps
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(shutil.which("make") is None, reason="GNU make not installed")]
@@ -25,7 +25,7 @@ def _plan(run: Path, installed: Path, *overrides: str) -> list[str]:
                           f"STAMP={installed}", f"ARGS={args}"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
-    return [s for s in STAGES if f"pipeline.cli {s} " in out.stdout]
+    return [s for s in STAGES if f"kdcache.pipeline.cli {s} " in out.stdout]
 
 
 def _finish_all(run: Path, *overrides: str) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from stages import evaluate, precompute, prepare, train
+from kdcache.pipeline.cli import main
+from kdcache.pipeline.config import load_config
+from kdcache.stages import evaluate, precompute, prepare, train
 from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides, train_interrupted
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ def test_trained_student_is_closer_to_the_teacher(tmp_path, cached_run, tiny_tea
 def test_training_never_constructs_the_teacher(tmp_path, cached_run, tiny_teacher, monkeypatch):
     from transformers.models.llama import modeling_llama
 
-    import stages.models
+    import kdcache.stages.models
 
     built = []
     init = modeling_llama.LlamaForCausalLM.__init__
@@ -75,7 +75,7 @@ def test_training_never_constructs_the_teacher(tmp_path, cached_run, tiny_teache
         raise AssertionError("train must not load the teacher")
 
     monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "__init__", spy)
-    monkeypatch.setattr(stages.models, "load_teacher", no_teacher)
+    monkeypatch.setattr(kdcache.stages.models, "load_teacher", no_teacher)
     monkeypatch.setattr(precompute, "load_teacher", no_teacher)
     train.run(_cfg(tmp_path, cached_run, tiny_teacher, **{"train.max_steps": 2}))
     assert built and all(n == 2 for n in built)  # only 2-layer students; the teacher has 4 layers
@@ -157,7 +157,7 @@ def test_training_log_carries_loss_parts_taid_t_and_agreements(tmp_path, cached_
 KILL_AFTER = 7
 SELF_KILL = f"""
 import os, signal, sys
-from stages import train
+from kdcache.stages import train
 real = train._train_step
 def step_then_die(*args, **kwargs):
     step, position = real(*args, **kwargs)
@@ -165,7 +165,7 @@ def step_then_die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return step, position
 train._train_step = step_then_die
-from pipeline.cli import main
+from kdcache.pipeline.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -184,7 +184,7 @@ def test_sigkill_during_training_then_resume(tmp_path, cached_run, tiny_teacher)
     ckpts = killed.student_dir / "checkpoints"
     assert train.latest_checkpoint(ckpts).name == "step-00000006"   # step 7 was logged, never checkpointed
     assert [r["step"] for r in _log(killed)] == list(range(1, KILL_AFTER + 1))
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "kdcache.pipeline.cli", *args], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "resuming from step-00000006 (step 6, " in out.stdout
     log = _log(killed)
@@ -218,7 +218,7 @@ def test_cli_errors_are_one_line_and_nonzero(args, message, capsys, tiny_teacher
 def test_report_has_readable_plots(tmp_path, cached_run, tiny_teacher):
     import matplotlib.image
 
-    from stages import report
+    from kdcache.stages import report
 
     cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.loss": "taid", "train.max_steps": 4})
     train.run(cfg)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
-from stages import precompute, prepare
-from storage import open_store, read_shard
+from kdcache.pipeline.config import load_config
+from kdcache.stages import precompute, prepare
+from kdcache.storage import open_store, read_shard
 from tests.conftest import build_tiny_model, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -77,7 +77,7 @@ def test_sigkill_mid_run_then_rerun_completes_identically(tmp_path, tiny_tokeniz
            "TQDM_DELAY": "0"}
 
     def cli(run_dir, *cmd):
-        args = [sys.executable, "-m", "pipeline.cli", *cmd]
+        args = [sys.executable, "-m", "kdcache.pipeline.cli", *cmd]
         for o in tiny_overrides(run_dir, teacher, **extra):
             args += ["-s", o]
         return args
@@ -126,8 +126,8 @@ def test_arrow_backend_and_int8_values_end_to_end(tmp_path, tiny_teacher):
     int8 bound, convertible to Zarr with the same fingerprint, and trainable."""
     from transformers import AutoModelForCausalLM
 
-    from stages import train
-    from storage.tools import convert_store, verify_store
+    from kdcache.stages import train
+    from kdcache.storage.tools import convert_store, verify_store
 
     cfg = load_config(None, tiny_overrides(tmp_path / "run", tiny_teacher, **{
         "prepare.backend": "arrow", "precompute.backend": "arrow", "precompute.value_encoding": "int8",
@@ -163,8 +163,8 @@ VICTIM = "train-00001"
 def dies_once_mid_task(token_dir, signal_dir, name, *args):
     """Runs in a dask worker process: the first attempt at VICTIM computes the teacher's signal and then kills
     its whole worker process (os._exit, no cleanup) just before committing the shard."""
-    from stages import precompute as worker_precompute
-    from storage import Store
+    from kdcache.stages import precompute as worker_precompute
+    from kdcache.storage import Store
 
     marker = Path(signal_dir).parent / f"died-{name}"
     if name == VICTIM and not marker.exists():

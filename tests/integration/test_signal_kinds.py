@@ -7,10 +7,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import KdcacheError
-from stages import evaluate, precompute, prepare, report, train
-from storage import read_shard
+from kdcache.pipeline.config import load_config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages import evaluate, precompute, prepare, report, train
+from kdcache.storage import read_shard
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from stages import assistants, evaluate, precompute, report, train
+from kdcache.pipeline.cli import main
+from kdcache.pipeline.config import load_config
+from kdcache.stages import assistants, evaluate, precompute, report, train
 from tests.conftest import build_tiny_model, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ def demo_run(tmp_path_factory, tiny_teacher):
     """`kdcache run` (prepare -> precompute -> train -> evaluate, the default chain) on the tiny teacher with
     stderr a pipe, as under CI, `make demo | tee log` or nohup. Returns (run dir, stderr)."""
     run_dir = tmp_path_factory.mktemp("demo") / "run"
-    args = [sys.executable, "-m", "pipeline.cli", "run"]
+    args = [sys.executable, "-m", "kdcache.pipeline.cli", "run"]
     for o in tiny_overrides(run_dir, tiny_teacher):
         args += ["-s", o]
     # TQDM_DELAY=0: lines from the start, though the tiny stages finish within the default 5 s

@@ -34,8 +34,8 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory, tiny_teacher):
     """A run folder with a token store and the teacher's signal store (read-only: copy it with `run_copy`)."""
-    from pipeline.config import load_config
-    from stages import precompute, prepare
+    from kdcache.pipeline.config import load_config
+    from kdcache.stages import precompute, prepare
 
     run_dir = tmp_path_factory.mktemp("reliability") / "run"
     cfg = load_config(None, overrides(run_dir, tiny_teacher))
@@ -49,7 +49,7 @@ def run_copy(tmp_path, base_run, tiny_teacher):
     """A writable copy of base_run and its config."""
     import shutil
 
-    from pipeline.config import load_config
+    from kdcache.pipeline.config import load_config
 
     run_dir = tmp_path / "run"
     shutil.copytree(base_run, run_dir)

@@ -81,7 +81,7 @@ def _timed_full_run(fn, err_file: Path, probe) -> tuple[float, float]:
 
 def store_files(store_dir: Path) -> dict[str, bytes]:
     """Every file of a store (manifest, shards, commit records) except the writer lock."""
-    from storage.lock import LOCK_NAME
+    from kdcache.storage.lock import LOCK_NAME
 
     return {p.relative_to(store_dir).as_posix(): p.read_bytes() for p in sorted(store_dir.rglob("*"))
             if p.is_file() and p.name != LOCK_NAME}
@@ -89,9 +89,9 @@ def store_files(store_dir: Path) -> dict[str, bytes]:
 
 def check_store_after_kill(store_dir: Path, counts: dict) -> None:
     """What a kill may leave: whole shards under final names, a parseable manifest listing only whole shards."""
-    from storage import Store, StoreError
-    from storage.manifest import MANIFEST_NAME, read_manifest
-    from storage.store import COMMIT_NAME, shard_checksum
+    from kdcache.storage import Store, StoreError
+    from kdcache.storage.manifest import MANIFEST_NAME, read_manifest
+    from kdcache.storage.store import COMMIT_NAME, shard_checksum
 
     shards = store_dir / "shards"
     entries = list(shards.iterdir()) if shards.exists() else []
@@ -212,8 +212,8 @@ def main(spec_path: str, out_path: str) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
     import zarr  # noqa: F401
 
-    from pipeline.config import load_config
-    from stages import precompute, prepare, train
+    from kdcache.pipeline.config import load_config
+    from kdcache.stages import precompute, prepare, train
     from tests.conftest import tiny_overrides
 
     spec = json.loads(Path(spec_path).read_text())

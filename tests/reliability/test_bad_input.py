@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import PrecomputeConfig
-from pipeline.errors import KdcacheError
+from kdcache.pipeline.cli import main
+from kdcache.pipeline.config import PrecomputeConfig
+from kdcache.pipeline.errors import KdcacheError
 from tests.conftest import build_tiny_model, build_tokenizer
 from tests.reliability.conftest import DETAILS, cli_args, instruction_lines, one_error_line
 
@@ -118,6 +118,6 @@ def test_debug_shows_the_traceback(inputs, tiny_teacher):
     # and through the installed entry point, as a user sees it
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "--debug", "prepare", "-s", "prepare.seq_len=4"],
+    proc = subprocess.run([sys.executable, "-m", "kdcache.pipeline.cli", "--debug", "prepare", "-s", "prepare.seq_len=4"],
                           env=env, capture_output=True, text=True, cwd=inputs)
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "prepare.seq_len must be >= 8" in proc.stderr

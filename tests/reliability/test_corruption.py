@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import cli, main
-from stages import precompute
-from storage import StoreError, open_store, read_shard
+from kdcache.pipeline.cli import cli, main
+from kdcache.stages import precompute
+from kdcache.storage import StoreError, open_store, read_shard
 from tests.conftest import build_tiny_model, build_tokenizer
 from tests.reliability.conftest import cli_args, one_error_line
 

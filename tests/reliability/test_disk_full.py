@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-import storage._zarr
-import storage.store
-from pipeline.cli import main
-from stages import train
-from storage import open_store
+import kdcache.storage._zarr
+import kdcache.storage.store
+from kdcache.pipeline.cli import main
+from kdcache.stages import train
+from kdcache.storage import open_store
 from tests.reliability.conftest import cli_args, one_error_line
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
@@ -52,9 +52,9 @@ def test_disk_full_during_a_shard_leaves_the_store_consistent(where, run_copy, b
 
     shutil.rmtree(store_dir)
     if where == "backend write":
-        monkeypatch.setattr(storage._zarr, "write", _fail_after(2, storage._zarr.write))
+        monkeypatch.setattr(kdcache.storage._zarr, "write", _fail_after(2, kdcache.storage._zarr.write))
     else:
-        monkeypatch.setattr(storage.store, "_fsync_tree", _fail_after(2, storage.store._fsync_tree))
+        monkeypatch.setattr(kdcache.storage.store, "_fsync_tree", _fail_after(2, kdcache.storage.store._fsync_tree))
     assert main(cli_args(run_copy, tiny_teacher, "precompute")) == 2
     err = capfd.readouterr().err
     errors = [l for l in err.splitlines() if l.startswith("kdcache: error: ")]

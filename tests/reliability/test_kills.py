@@ -65,7 +65,7 @@ def test_crash_before_the_first_checkpoint_logs_each_step_once(run_copy, monkeyp
     line behind for the rerun to log again."""
     import json
 
-    from stages import train
+    from kdcache.stages import train
 
     real, calls = train._train_step, []
 

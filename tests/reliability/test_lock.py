@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import Manifest, Store, StoreError, make_layout
+from kdcache.storage import Manifest, Store, StoreError, make_layout
 
 pytestmark = [pytest.mark.reliability]
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = Manifest(kind="tokens", backend="zarr", params={"seq_len": 4}, layout=make_layout({"train": 2}, 1))
 OTHER_WRITER = """
 import sys
-from storage import Manifest, Store, StoreError, make_layout
+from kdcache.storage import Manifest, Store, StoreError, make_layout
 m = Manifest(kind="tokens", backend="zarr", params={"seq_len": 4}, layout=make_layout({"train": 2}, 1))
 try:
     Store.create(sys.argv[1], m).close()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cli import main
-from stages import train
-from storage import StoreError, open_store, read_shard
+from kdcache.pipeline.cli import main
+from kdcache.stages import train
+from kdcache.storage import StoreError, open_store, read_shard
 from tests.reliability.conftest import cli_args
 
 pytestmark = [pytest.mark.reliability]
@@ -148,7 +148,7 @@ class _Spy:
 @pytest.mark.integration
 @pytest.mark.parametrize("flag", [False, True], ids=["default", "--trust-remote-code"])
 def test_remote_code_runs_only_when_asked(flag, run_copy, tiny_teacher, monkeypatch, tally):
-    from stages import precompute
+    from kdcache.stages import precompute
 
     shutil.rmtree(run_copy.signals_dir)  # so precompute loads the teacher
     monkeypatch.setattr(precompute, "_TEACHERS", {})  # ... afresh, not from this process's cache

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from storage import StoreError, decode_signal, encode_signal
-from storage.codecs import (dequantise_logprobs, id_bits, pack_ids, pad_signal, quantise_logprobs, signal_params,
+from kdcache.storage import StoreError, decode_signal, encode_signal
+from kdcache.storage.codecs import (dequantise_logprobs, id_bits, pack_ids, pad_signal, quantise_logprobs, signal_params,
                             stored_arrays, unpack_ids)
 
 

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from stages.committee import TeacherUnderstanding
-from stages.losses import ObjectiveSpec, SparseTarget, compute_objective
-from stages.losses import committee as cl
-from stages.signals import topk_signal
+from kdcache.stages.committee import TeacherUnderstanding
+from kdcache.stages.losses import ObjectiveSpec, SparseTarget, compute_objective
+from kdcache.stages.losses import committee as cl
+from kdcache.stages.signals import topk_signal
 
 V, N, K = 50, 12, 6
 
@@ -171,7 +171,7 @@ def test_module_does_not_push_the_student():
 
 
 def test_members_and_committee_config_from_overrides():
-    from pipeline.config import load_config
+    from kdcache.pipeline.config import load_config
 
     cfg = load_config(None, ["precompute.members=[ta=/models/a, big=hub/model]", "train.committee=[teacher,ta]",
                              "train.committee_weights=fixed", "train.committee_fixed=[1, 3]"])
@@ -193,8 +193,8 @@ def test_members_and_committee_config_from_overrides():
     ("train.output=../x", "not a valid source name"),
 ])
 def test_bad_committee_config_is_a_one_line_error(override, message):
-    from pipeline.config import load_config
-    from pipeline.errors import KdcacheError
+    from kdcache.pipeline.config import load_config
+    from kdcache.pipeline.errors import KdcacheError
 
     with pytest.raises(KdcacheError, match="invalid config: .*" + message):
         load_config(None, [override])
@@ -204,6 +204,6 @@ def test_bad_committee_config_is_a_one_line_error(override, message):
                                             ("42", "digits"), (" self_x2", "word"), ("é", "word"), ("->x", "other"),
                                             ("«", "other")])
 def test_token_class_of_the_decoded_text(text, expected):
-    from stages.committee import token_class
+    from kdcache.stages.committee import token_class
 
     assert token_class(text) == expected

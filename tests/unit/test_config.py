@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, load_config
-from pipeline.errors import KdcacheError
+from kdcache.pipeline.config import Config, load_config
+from kdcache.pipeline.errors import KdcacheError
 
 
 def test_default_config_needs_no_arguments():
@@ -71,7 +71,7 @@ def test_store_backends_and_value_encodings():
 
 
 def test_objective_knobs_reach_the_loss_spec_and_the_taid_schedule():
-    from stages.train import objective_spec, taid_schedule
+    from kdcache.stages.train import objective_spec, taid_schedule
 
     cfg = load_config(None, ["train.loss=rlkd+jsd", "train.rlkd_k=3", "train.rlkd_weight=0.5",
                              "train.rlkd_dynamic=true", "train.jsd_beta=0.3", "train.skew_alpha=0.2",
@@ -90,7 +90,7 @@ def test_objective_knobs_reach_the_loss_spec_and_the_taid_schedule():
 
 
 def test_unknown_loss_is_a_one_line_config_error():
-    from stages.train import objective_spec
+    from kdcache.stages.train import objective_spec
 
     with pytest.raises(KdcacheError, match="invalid config: unknown loss 'kll'; valid: ce, kl") as info:
         objective_spec(load_config(None, ["train.loss=kll"]).train)
@@ -98,11 +98,11 @@ def test_unknown_loss_is_a_one_line_config_error():
 
 
 def test_cli_no_adaptive_sets_linear_taid(tmp_path, monkeypatch, capsys):
-    import stages.train
-    from pipeline.cli import main
+    import kdcache.stages.train
+    from kdcache.pipeline.cli import main
 
     seen = []
-    monkeypatch.setattr(stages.train, "run", lambda cfg, resume=True: seen.append(cfg.train))
+    monkeypatch.setattr(kdcache.stages.train, "run", lambda cfg, resume=True: seen.append(cfg.train))
     run_dir = ["--run-dir", str(tmp_path / "run")]
     assert main(["train", "--loss", "taid", "--no-adaptive", *run_dir]) == 0
     assert main(["train", "--loss", "taid", *run_dir]) == 0

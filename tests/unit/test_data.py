@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from stages.data import CachedKDDataset, epoch_order, signal_key, stack_sequences
-from storage import Manifest, Store, encode_signal, make_layout, open_store, read_sequence
+from kdcache.stages.data import CachedKDDataset, epoch_order, signal_key, stack_sequences
+from kdcache.storage import Manifest, Store, encode_signal, make_layout, open_store, read_sequence
 
 V, T = 50, 6
 

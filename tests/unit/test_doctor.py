@@ -1,8 +1,8 @@
 """`kdcache doctor` names what is missing, says how to fix it, and exits non-zero."""
 import importlib.util
 
-from pipeline import doctor
-from pipeline.cli import main
+from kdcache.pipeline import doctor
+from kdcache.pipeline.cli import main
 
 
 def test_missing_default_teacher_is_reported_with_its_fix(monkeypatch, capsys):

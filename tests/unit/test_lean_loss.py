@@ -6,7 +6,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from stages.losses import ObjectiveSpec, SparseTarget, compute_objective
+from kdcache.stages.losses import ObjectiveSpec, SparseTarget, compute_objective
 
 H, V, K, CHUNK = 8, 1024, 4, 32
 

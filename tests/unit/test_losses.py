@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.losses import (LOSS_NAMES, TAIL_MODES, ObjectiveSpec, SparseTarget, ce, chunked_sum, compute_objective,
+from kdcache.stages.losses import (LOSS_NAMES, TAIL_MODES, ObjectiveSpec, SparseTarget, ce, chunked_sum, compute_objective,
                            jsd, kl, rkl, skl, srkl, tvd)
-from stages.losses.divergences import aligned_logprobs
-from stages.losses.support import support_logsumexp
-from stages.losses.targets import TAIL_FLOOR, teacher_support
+from kdcache.stages.losses.divergences import aligned_logprobs
+from kdcache.stages.losses.support import support_logsumexp
+from kdcache.stages.losses.targets import TAIL_FLOOR, teacher_support
 
 N, V, K = 7, 60, 8
 DIVERGENCE_FNS = {"kl": kl, "rkl": rkl, "jsd": jsd, "tvd": tvd, "skl": skl, "srkl": srkl}
@@ -397,7 +397,7 @@ def test_chunking_keeps_no_full_size_intermediate_for_backward():
     z = make_logits(0, n=n, v=500, dtype=torch.float32).requires_grad_(True)
     labels, sparse = torch.zeros(n, dtype=torch.long), sparse_from_dense(make_logits(1, n=n, v=500), K)
     # the same objective without chunking does keep (N, V) intermediates: the check above can fail
-    from stages.losses import _objective_sums
+    from kdcache.stages.losses import _objective_sums
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         _objective_sums(z, sparse, labels, all_rows(n), spec=ObjectiveSpec(tail="uniform"), taid_t=None)

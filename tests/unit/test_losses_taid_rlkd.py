@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from stages.losses import TAIL_MODES, ObjectiveSpec, compute_objective, kl, rank_loss, taid
-from stages.losses.divergences import divergence_rows
-from stages.losses.rlkd import rank_rows, soft_rank, spearman
+from kdcache.stages.losses import TAIL_MODES, ObjectiveSpec, compute_objective, kl, rank_loss, taid
+from kdcache.stages.losses.divergences import divergence_rows
+from kdcache.stages.losses.rlkd import rank_rows, soft_rank, spearman
 from tests.unit.test_losses import K, N, V, all_rows, make_logits, sparse_from_dense, value_and_grad
 
 

@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import KdcacheError
-from stages import prepare
-from stages.prepare import chat_tokens, pack_documents
-from storage import open_store, read_sequence
+from kdcache.pipeline.config import load_config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages import prepare
+from kdcache.stages.prepare import chat_tokens, pack_documents
+from kdcache.storage import open_store, read_sequence
 
 
 def _cfg(tmp_path, teacher, **extra):
@@ -72,7 +72,7 @@ def test_rerun_with_same_inputs_resumes_and_other_inputs_are_refused(tmp_path, t
     cfg = _cfg(tmp_path, tiny_teacher, **{"prepare.max_train_sequences": 16})
     first = prepare.run(cfg).manifest
     assert prepare.run(cfg).manifest == first
-    from storage import StoreError
+    from kdcache.storage import StoreError
     with pytest.raises(StoreError, match="pass --overwrite"):
         prepare.run(_cfg(tmp_path, tiny_teacher, **{"prepare.max_train_sequences": 17}))
 

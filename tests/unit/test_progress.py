@@ -3,9 +3,9 @@ import io
 
 import pytest
 
-from pipeline.errors import KdcacheError
-from stages import progress as progress_module
-from stages.progress import LineProgress, progress, track
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages import progress as progress_module
+from kdcache.stages.progress import LineProgress, progress, track
 
 
 class Terminal(io.StringIO):

@@ -3,11 +3,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import load_config
-from pipeline.errors import KdcacheError
-from stages import pruning
-from stages.assistants import choose, sandwich
-from stages.pruning import Width
+from kdcache.pipeline.config import load_config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages import pruning
+from kdcache.stages.assistants import choose, sandwich
+from kdcache.stages.pruning import Width
 
 
 @pytest.fixture(scope="module")

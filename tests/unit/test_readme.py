@@ -1,7 +1,7 @@
 """The README's CLI reference is the CLI's own help (regenerate with `make docs`)."""
 from pathlib import Path
 
-from pipeline.clidoc import cli_reference, readme_section
+from kdcache.pipeline.clidoc import cli_reference, readme_section
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -12,7 +12,7 @@ def test_readme_cli_reference_matches_the_cli():
 
 
 def test_every_command_is_documented():
-    from pipeline.cli import cli
+    from kdcache.pipeline.cli import cli
 
     section = readme_section(README.read_text())
     for name in cli.commands:

@@ -2,7 +2,7 @@
 import numpy as np
 from matplotlib.text import Text
 
-from stages import report
+from kdcache.stages import report
 
 
 def test_point_names_overlap_neither_each_other_nor_other_points():
@@ -66,7 +66,7 @@ def test_a_log_cut_by_a_kill_is_read_up_to_its_last_whole_line(tmp_path):
 
 
 def test_a_broken_result_file_is_a_one_line_error(tmp_path, capsys):
-    from pipeline.cli import main
+    from kdcache.pipeline.cli import main
 
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "committee_weights.json").write_text('{"members": [')

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from stages.schedules import TAIDSchedule, WarmupCosineLR
+from kdcache.stages.schedules import TAIDSchedule, WarmupCosineLR
 
 
 def test_taid_hand_computed_sequence():

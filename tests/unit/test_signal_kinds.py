@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages.data import stack_sequences
-from stages.losses import LOSS_NAMES, TAIL_MODES, ObjectiveSpec, SparseTarget, compute_objective
-from stages.signals import concat_signals, hybrid_signal, sample_signal, shard_generator, sparse_target, topk_signal
-from storage import decode_signal, encode_signal
+from kdcache.stages.data import stack_sequences
+from kdcache.stages.losses import LOSS_NAMES, TAIL_MODES, ObjectiveSpec, SparseTarget, compute_objective
+from kdcache.stages.signals import concat_signals, hybrid_signal, sample_signal, shard_generator, sparse_target, topk_signal
+from kdcache.storage import decode_signal, encode_signal
 
 V = 40
 
@@ -187,7 +187,7 @@ def _mean_gradient(target_fn, student, replicates, tail="bucket"):
     n, v = student.shape
     z = student.repeat(replicates, 1).requires_grad_(True)                      # (R * n, V)
     target = target_fn(replicates)
-    from stages.losses.divergences import divergence_rows
+    from kdcache.stages.losses.divergences import divergence_rows
     divergence_rows("kl", z, target, tail=tail).sum().backward()
     return z.grad.reshape(replicates, n, v).mean(0)                             # (n, V)
 
@@ -223,7 +223,7 @@ def test_sampled_kinds_give_the_dense_gradient_in_expectation(kind):
 def test_objectives_that_need_exact_peaks_warn_on_a_sampled_cache():
     from types import SimpleNamespace
 
-    from stages.train import peaks_note
+    from kdcache.stages.train import peaks_note
 
     def store(kind):
         return SimpleNamespace(path="RUN/signals/teacher", manifest=SimpleNamespace(params={"signal": kind}))

@@ -2,19 +2,19 @@
 import pytest
 import torch
 
-from pipeline.errors import KdcacheError
-from stages.models import (build_student, layer_indices, model_fingerprint, model_tokenizer_fingerprint,
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages.models import (build_student, layer_indices, model_fingerprint, model_tokenizer_fingerprint,
                            tokenizer_fingerprint)
-from stages.signals import topk_signal
+from kdcache.stages.signals import topk_signal
 
 
 def test_topk_signal_in_chunks_equals_one_pass(monkeypatch):
-    import stages.signals
+    import kdcache.stages.signals
 
     torch.manual_seed(1)
     logits = torch.randn(3, 7, 50) * 3                                  # 21 rows: chunks of 4 leave a partial one
     whole = topk_signal(logits, k=5)
-    monkeypatch.setattr(stages.signals, "CHUNK_BYTES", 4 * 50 * 4)      # 4 rows per chunk
+    monkeypatch.setattr(kdcache.stages.signals, "CHUNK_BYTES", 4 * 50 * 4)      # 4 rows per chunk
     chunked = topk_signal(logits, k=5)
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))       # bit for bit: stores stay byte-identical
     assert [t.shape for t in chunked] == [(3, 7, 5), (3, 7, 5), (3, 7)]
@@ -79,15 +79,15 @@ def test_tokenizer_fingerprint_of_a_model_folder_is_cached_until_its_files_chang
                                                                                    monkeypatch):
     import os
 
-    import stages.models
+    import kdcache.stages.models
     from tests.conftest import build_tiny_model, build_tokenizer
 
     folder = build_tiny_model(tmp_path / "m", tiny_tokenizer, layers=1)
     want = tokenizer_fingerprint(tiny_tokenizer)
     assert model_tokenizer_fingerprint(str(folder)) == want
     loads = []
-    real = stages.models.load_tokenizer
-    monkeypatch.setattr(stages.models, "load_tokenizer", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = kdcache.stages.models.load_tokenizer
+    monkeypatch.setattr(kdcache.stages.models, "load_tokenizer", lambda *a, **k: loads.append(1) or real(*a, **k))
     assert model_tokenizer_fingerprint(str(folder)) == want and loads == []        # from the cache
     build_tokenizer(vocab_size=300).save_pretrained(folder)                         # another tokenizer, same folder
     st = (folder / "tokenizer.json").stat()
@@ -100,7 +100,7 @@ def test_weight_hash_cache_keeps_the_format_other_kdcache_versions_read(tiny_tea
     """KDCACHE_HOME/hashes is shared by every kdcache version on a machine; older ones read {"key", "sha256"}."""
     import json
 
-    from stages.models import kdcache_home
+    from kdcache.stages.models import kdcache_home
 
     model_fingerprint(str(tiny_teacher))
     records = [json.loads(p.read_text()) for p in (kdcache_home() / "hashes").glob("*.json")]

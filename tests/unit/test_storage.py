@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from storage import Manifest, Store, StoreError, decode_topk, encode_topk, make_layout, open_store, read_sequence
-from storage.manifest import read_manifest
+from kdcache.storage import Manifest, Store, StoreError, decode_topk, encode_topk, make_layout, open_store, read_sequence
+from kdcache.storage.manifest import read_manifest
 
 
 def _manifest(**params):
@@ -142,7 +142,7 @@ def _zarr_arrays():
 
 
 def test_zarr_reads_what_it_writes_without_zarr_python(tmp_path, monkeypatch):
-    from storage import _zarr
+    from kdcache.storage import _zarr
 
     def refuse(*a, **k):
         raise AssertionError("the direct reader handed a layout that _zarr.write makes to zarr-python")
@@ -164,7 +164,7 @@ def test_zarr_layouts_it_does_not_write_are_read_by_zarr_python(tmp_path):
     import zarr
     from zarr.codecs import GzipCodec
 
-    from storage import _zarr
+    from kdcache.storage import _zarr
 
     want = _zarr_arrays()
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
@@ -179,7 +179,7 @@ def test_zarr_layouts_it_does_not_write_are_read_by_zarr_python(tmp_path):
 def test_zarr_direct_reader_refuses_a_damaged_shard_index_even_unverified(tmp_path):
     import google_crc32c
 
-    from storage import _zarr
+    from kdcache.storage import _zarr
 
     _zarr.write(tmp_path / "g.zarr", {"x": np.arange(4000, dtype=np.float32).reshape(40, 100)})
     shard = tmp_path / "g.zarr" / "x" / "c" / "0" / "0"
@@ -211,7 +211,7 @@ def test_shard_checksum_walks_files_in_path_order(tmp_path):
     import hashlib
     from pathlib import Path
 
-    from storage.store import COMMIT_NAME, shard_checksum
+    from kdcache.storage.store import COMMIT_NAME, shard_checksum
 
     for rel in ["ids-x/a", "ids/c/0", "ids/zarr.json", "ids_x/a", "a.b", "a/b", "Z", COMMIT_NAME]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from storage import Manifest, Store, StoreError, encode_signal, make_layout, open_store
-from storage.manifest import ShardRecord
-from storage.store import BACKENDS
+from kdcache.storage import Manifest, Store, StoreError, encode_signal, make_layout, open_store
+from kdcache.storage.manifest import ShardRecord
+from kdcache.storage.store import BACKENDS
 
 pytestmark = pytest.mark.parametrize("backend", sorted(BACKENDS))
 
@@ -163,12 +163,12 @@ def _flip_keeping_size_and_mtime(path):
 
 
 def test_a_shard_is_hashed_once_per_open_store_while_unchanged(tmp_path, backend, monkeypatch):
-    import storage.store
+    import kdcache.storage.store
 
     _fill(Store.create(tmp_path / "s", _manifest(backend)))
     hashed = []
-    real = storage.store._checksum
-    monkeypatch.setattr(storage.store, "_checksum", lambda files: hashed.append(1) or real(files))
+    real = kdcache.storage.store._checksum
+    monkeypatch.setattr(kdcache.storage.store, "_checksum", lambda files: hashed.append(1) or real(files))
     first = open_store(tmp_path / "s")
     for _ in range(3):
         first.read_shard("train-00000")
@@ -191,7 +191,7 @@ def test_a_shard_corrupted_after_a_verified_read_is_still_caught(tmp_path, backe
 
 
 def test_read_sequence_decodes_a_shard_once_and_hands_out_copies(tmp_path, backend, monkeypatch):
-    from storage import read_sequence
+    from kdcache.storage import read_sequence
 
     _fill(Store.create(tmp_path / "s", _manifest(backend)))
     opened = open_store(tmp_path / "s")

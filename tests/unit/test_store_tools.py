@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from storage import Manifest, Store, StoreError, encode_signal, make_layout, open_store, read_shard
-from storage.tools import convert_store, verify_store
+from kdcache.pipeline.cli import main
+from kdcache.storage import Manifest, Store, StoreError, encode_signal, make_layout, open_store, read_shard
+from kdcache.storage.tools import convert_store, verify_store
 
 SEQ_LEN, VOCAB, K, N = 6, 500, 4, 12
 
