@@ -38,13 +38,13 @@ class PrepareConfig:
     dataset_split: str = "train"       # split read from a hub / local dataset
     format: str = "auto"               # auto | text | instruction
     text_field: str = "text"           # field holding plain text (format text)
-    seq_len: int = 256
+    seq_len: int = 256                 # tokens per sequence (the teacher and the student see sequences this long)
     validation_fraction: float = 0.1   # fraction of documents/records held out, chosen by seeded shuffle
     max_train_sequences: int | None = 128  # bounds the teacher pass: the default demo fits ~10 min on 2 cores
-    max_validation_sequences: int | None = None
+    max_validation_sequences: int | None = None  # cap on held-out sequences (null: all of them)
     truncation: str = "right"          # instruction records longer than seq_len: right (cut the end) | drop
-    shard_sequences: int = 32
-    seed: int = 0
+    shard_sequences: int = 32          # sequences per shard: the unit precompute runs, commits and resumes by
+    seed: int = 0                      # seed of the train/validation split
     tokenizer: str = "teacher"         # "teacher" = the teacher's tokenizer, or a local dir / hub id
     backend: str = "zarr"              # zarr | arrow: how the token store is written
 
@@ -72,7 +72,7 @@ class PrecomputeConfig:
                                        # one uniform per position: unbiased, low variance) | iid (RS-KD's draws)
     seed: int = 0                      # sampling seed; each shard draws from its own stream seeded by (seed, shard name)
     value_encoding: str = "float16"    # how support log-probs are stored: float16 | float32 | int8 (8-bit deltas from the top-1)
-    batch_size: int = 8
+    batch_size: int = 8                # sequences per teacher forward pass
     scheduler: str = "local"           # local (LocalCluster) | sync (in-process) | a scheduler address tcp://host:port
     workers: int = 1                   # LocalCluster worker processes
     threads_per_worker: int | None = None  # torch threads per worker (default: cores / workers)
@@ -128,17 +128,17 @@ class TrainConfig:
     rlkd_k: int = 5                    # RLKD: top-k peaks of teacher and student ranked per position
     rlkd_weight: float = 2.0           # RLKD: KD = rlkd_weight * L_rank + L_base
     rlkd_dynamic: bool = False         # RLKD: weight L_base by the top-k overlap |topk_T & topk_S| / k
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    warmup_steps: int = 6
-    max_steps: int = 60
-    batch_size: int = 4
-    grad_accum: int = 1
-    clip_grad_norm: float = 1.0
-    checkpoint_every: int = 20
-    keep_checkpoints: int = 2
-    seed: int = 0
+    lr: float = 3e-4                   # peak learning rate (AdamW, betas 0.9, 0.95)
+    min_lr_ratio: float = 0.1          # the cosine decay ends at min_lr_ratio * lr at max_steps
+    weight_decay: float = 0.01         # AdamW weight decay (not on biases and norms)
+    warmup_steps: int = 6              # linear warm-up from 0 to lr
+    max_steps: int = 60                # optimiser steps in all (the end of the LR schedule)
+    batch_size: int = 4                # sequences per micro-batch (per process under torchrun)
+    grad_accum: int = 1                # micro-batches per optimiser step
+    clip_grad_norm: float = 1.0        # gradients are clipped to this global norm
+    checkpoint_every: int = 20         # steps between checkpoints (a killed run resumes from the last one)
+    keep_checkpoints: int = 2          # newest checkpoints kept; older ones are deleted
+    seed: int = 0                      # seed of the data order and of a random:N student's init
     device: str = "auto"               # auto (cuda if available) | cpu | cuda | cuda:N
     precision: str = "auto"            # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
     prefetch: int = 4                  # batches read ahead in a background thread
@@ -190,7 +190,7 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 8
+    batch_size: int = 8                # sequences per forward pass
     max_sequences: int | None = None   # validation sequences to evaluate (default all)
 
     def __post_init__(self):
@@ -207,15 +207,15 @@ class AssistantsConfig:
     calibration_sequences: int = 16    # train sequences whose LM-loss gradients rank heads and neurons
     steps: int = 30                    # slimmable training steps (sandwich rule: largest, smallest, middle widths)
     middle_widths: int = 1             # sampled middle widths per step
-    batch_size: int = 4
-    lr: float = 2e-4
-    warmup_steps: int = 3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    clip_grad_norm: float = 1.0
+    batch_size: int = 4                # sequences per slimmable training step
+    lr: float = 2e-4                   # peak learning rate of the slimmable training (warm-up, then cosine)
+    warmup_steps: int = 3              # linear warm-up steps
+    min_lr_ratio: float = 0.1          # the cosine decay ends at min_lr_ratio * lr
+    weight_decay: float = 0.01         # AdamW weight decay (not on biases and norms)
+    clip_grad_norm: float = 1.0        # gradients are clipped to this global norm
     eval_sequences: int | None = None  # validation sequences scoring each width (default all)
     source: str = "assistant"          # the chosen assistant's signal store: RUN/signals/<source>
-    seed: int = 0
+    seed: int = 0                      # seed of the slimmable training: its data order and sampled middle widths
 
     @property
     def sparsities(self) -> list[float]:
@@ -244,7 +244,7 @@ class AssistantsConfig:
 
 @dataclass
 class Config:
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"      # the run folder: every stage writes under it (the Makefile's RUN)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
