@@ -78,6 +78,9 @@ class PrecomputeConfig:
     threads_per_worker: int | None = None  # torch threads per worker (default: cores / workers)
     retries: int = 2                   # reruns of a task that raised on a dask cluster (a lost worker's task is
                                        # rescheduled by the scheduler regardless)
+    worker_timeout: float = 120.0      # seconds to wait for the dask scheduler, a first worker and every worker
+                                       # to import kdcache; mid-run, how long the cluster may have no worker before
+                                       # precompute fails (finished shards are kept)
     backend: str = "zarr"              # zarr (Zarr v3, sharded, zstd) | arrow (Arrow IPC, zstd)
     # committee members cached beside the teacher, "name=model_spec" each (foundation / complementary teachers,
     # assistants): RUN/signals/<name>. Every member must share the tokenizer the data was prepared with.
@@ -103,6 +106,7 @@ class PrecomputeConfig:
         _check(self.batch_size >= 1, f"precompute.batch_size must be >= 1, got {self.batch_size}")
         _check(self.workers >= 1, f"precompute.workers must be >= 1, got {self.workers}")
         _check(self.retries >= 0, f"precompute.retries must be >= 0, got {self.retries}")
+        _check(self.worker_timeout > 0, f"precompute.worker_timeout must be > 0, got {self.worker_timeout}")
         _check(self.backend in BACKENDS, f"precompute.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
 
     def sources(self) -> list[tuple[str, str]]:

@@ -21,7 +21,7 @@ STAGES_DIR = ".stages"
 
 # fields that change how a stage runs, not what it produces
 EXECUTION_ONLY = {
-    "precompute": {"scheduler", "workers", "threads_per_worker", "retries"},
+    "precompute": {"scheduler", "workers", "threads_per_worker", "retries", "worker_timeout"},
     "train": {"prefetch", "checkpoint_every", "keep_checkpoints"},
 }
 

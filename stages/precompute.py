@@ -8,9 +8,12 @@ killed run resumes and a member added later costs only its own shards.
 On a cluster a task whose worker dies is rescheduled on another worker by the scheduler, and a task that raises
 is retried `precompute.retries` times; as tasks are idempotent (a shard is committed once, atomically, and a
 rewrite of identical bytes is a no-op) either way the store ends complete and identical.
+Before any task is sent, every worker must import kdcache, and while the tasks run the cluster must keep a
+worker: a cluster that cannot run the tasks fails the run in one line instead of leaving it waiting for ever.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 from pathlib import Path
@@ -105,8 +108,9 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
     )
 
 
-def _client(scheduler: str, workers: int, threads: int | None):
-    """A dask.distributed client: a LocalCluster by default, or the scheduler at an address."""
+def _client(scheduler: str, workers: int, threads: int | None, timeout: float):
+    """A dask.distributed client: a LocalCluster by default, or the scheduler at an address (reached within
+    `timeout` seconds)."""
     from dask.distributed import Client, LocalCluster
 
     if scheduler == "local":
@@ -118,7 +122,86 @@ def _client(scheduler: str, workers: int, threads: int | None):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=":0", silence_logs=40)
         return Client(cluster), cluster
-    return Client(scheduler, timeout="30s"), None
+    try:
+        return Client(scheduler, timeout=timeout), None
+    except (OSError, ValueError) as e:  # nothing listening, a host that does not answer, a malformed address
+        raise KdcacheError(f"cannot reach the dask scheduler {scheduler} ({_one_line(e)}): start it (dask "
+                           "scheduler) or check the address") from None
+
+
+def worker_imports_kdcache() -> bool:
+    """Run on every dask worker before any task (client.run): the call is sent by reference to this module, so
+    merely receiving it makes the worker import kdcache.stages.precompute, and with it torch, transformers and
+    kdcache.storage, as a task would. A worker that cannot (kdcache not installed in its environment, or another
+    `kdcache` first on its sys.path) answers with the ImportError."""
+    return True
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception from a worker as one short line (distributed wraps one it could not unpickle in Exception)."""
+    text = str(error) if type(error) is Exception else f"{type(error).__name__}: {error}"
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def check_workers(client, where: str, timeout: float) -> None:
+    """Fail at once, in one line, when the cluster cannot run precompute's tasks: no worker joins within `timeout`
+    seconds, or a worker cannot import kdcache. Otherwise such a worker fails every task (or dies on it) and
+    the run would wait for ever."""
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        raise KdcacheError(f"no dask worker joined {where} within {timeout:g} s (precompute.worker_timeout): "
+                           "start workers (dask worker SCHEDULER_ADDRESS) in an environment with kdcache "
+                           "installed") from None
+    # client.run has no timeout of its own: a worker that hangs while importing must not hang the run
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        answers = pool.submit(client.run, worker_imports_kdcache, on_error="return").result(timeout)
+    except TimeoutError:
+        raise KdcacheError(f"the dask workers of {where} did not import kdcache within {timeout:g} s "
+                           "(precompute.worker_timeout): check the workers' logs") from None
+    finally:
+        pool.shutdown(wait=False)
+    failed = sorted((worker, answer) for worker, answer in answers.items() if isinstance(answer, BaseException))
+    if failed:
+        worker, error = failed[0]
+        others = f" (and {len(failed) - 1} other worker(s))" if len(failed) > 1 else ""
+        raise KdcacheError(f"dask worker {worker}{others} cannot import this kdcache ({_one_line(error)}): install "
+                           "kdcache, the same version as here, in the environment the workers run in (and "
+                           "nothing else named kdcache on their PYTHONPATH)")
+
+
+WATCH_S = 2.0  # how often the driver looks at the cluster while it waits for tasks
+
+
+def collect(client, futures: list, bar, where: str, timeout: float) -> None:
+    """Wait for the tasks, counting each finished shard's tokens on `bar`. Fails in one line when the cluster
+    has had no worker for `timeout` seconds (they died or were stopped: the tasks would wait for ever) and when
+    a task killed every worker that ran it (dask's KilledWorker, after distributed.scheduler.allowed-failures)."""
+    from dask.distributed import KilledWorker, wait
+
+    pending, alone_since = futures, None
+    while pending:
+        try:
+            done, pending = wait(pending, timeout=WATCH_S, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = ()
+        for future in done:
+            try:
+                bar.update(future.result()["tokens"])
+            except KilledWorker:
+                raise KdcacheError(f"a precompute task killed every dask worker of {where} that ran it (out of "
+                                   "memory? see the workers' logs): finished shards are kept; rerun to resume") \
+                    from None
+        if client.nthreads():
+            alone_since = None
+        elif alone_since is None:
+            alone_since = time.monotonic()
+        elif time.monotonic() - alone_since > timeout:
+            raise KdcacheError(f"{where} has had no dask worker for {timeout:g} s (precompute.worker_timeout) with "
+                               f"{len(pending)} shard(s) still to do: the workers died or were stopped; finished "
+                               "shards are kept: start workers and rerun to resume")
 
 
 def _has_dashboard() -> bool:
@@ -177,17 +260,16 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
             for task in tasks:
                 bar.update(task.compute(scheduler="sync")["tokens"])
         else:
-            from dask.distributed import as_completed
-
-            client, cluster = _client(scheduler, pc.workers, threads)
+            client, cluster = _client(scheduler, pc.workers, threads, pc.worker_timeout)
             try:
                 where = f"attached to dask scheduler {scheduler}" if cluster is None else \
                     f"LocalCluster with {pc.workers} worker(s) x {threads} torch thread(s)"
                 dashboard = client.dashboard_link if cluster is None or _has_dashboard() else \
                     "off: pip install bokeh for it"
                 print(f"precompute: {where} (dashboard: {dashboard})", flush=True)
-                for future in as_completed(client.compute(tasks, retries=pc.retries)):
-                    bar.update(future.result()["tokens"])
+                cluster_name = f"the dask scheduler {scheduler}" if cluster is None else "the LocalCluster"
+                check_workers(client, cluster_name, pc.worker_timeout)
+                collect(client, client.compute(tasks, retries=pc.retries), bar, cluster_name, pc.worker_timeout)
             finally:
                 client.close()
                 if cluster is not None:
