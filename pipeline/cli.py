@@ -167,13 +167,47 @@ def run(cfg: Config, scheduler: str | None, assistant: bool):
     mark_done(cfg, "evaluate")
 
 
-@cli.command()
+# The Makefile's helpers (pipeline/stages.mk): hidden from --help, as users never type them.
+@cli.command(hidden=True)
 @config_options
 def stamps(cfg: Config):
     """Record each stage's config inputs in RUN/.stages (rewritten only on change; the Makefile's stage graph)."""
     changed = write_stamps(cfg)
     if changed:
         click.echo(f"config changed for: {', '.join(changed)}", err=True)
+
+
+@cli.command("run-dir", hidden=True)
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None)
+@click.option("-s", "--set", "overrides", multiple=True)
+@click.option("--run-dir", default=None)
+@click.option("--trust-remote-code", is_flag=True)  # accepted as every stage does; it does not move the run folder
+def run_dir_command(config_path: str | None, overrides: tuple[str, ...], run_dir: str | None,
+                    trust_remote_code: bool):
+    """Print the run folder the config and overrides give (the Makefile's RUN); writes nothing."""
+    overrides = list(overrides) + ([f"run_dir={run_dir}"] if run_dir else [])
+    click.echo(load_config(config_path, overrides).run_dir)
+
+
+@cli.command(hidden=True)
+def makefile():
+    """Print the path of the stage graph that ships with kdcache, for a Makefile to include."""
+    from kdcache.pipeline.project import RULES
+
+    click.echo(RULES)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace a Makefile or kdcache.yaml already in DIRECTORY.")
+def init(directory: str, overwrite: bool):
+    """Start a project of your own in DIRECTORY: a Makefile that runs this installed kdcache's stage graph and
+    kdcache.yaml, every setting at its default with what it does. Then: cd DIRECTORY && make evaluate."""
+    from kdcache.pipeline.project import init_project
+
+    written = init_project(Path(directory), overwrite=overwrite)
+    click.echo(f"init: wrote {' and '.join(str(p) for p in written)}; next: cd {directory}, edit kdcache.yaml, "
+               "make evaluate (make help lists the targets)")
 
 
 @cli.command()

@@ -10,14 +10,16 @@ START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
 def cli_reference() -> str:
-    """The output of `kdcache --help` and of every `kdcache COMMAND --help`, as Markdown."""
+    """The output of `kdcache --help` and of every `kdcache COMMAND --help`, as Markdown (hidden commands, the
+    Makefile's helpers, left out as --help leaves them out)."""
     from click.testing import CliRunner
 
     from kdcache.pipeline.cli import cli
 
     runner = CliRunner()
     parts = []
-    for name in [None, *cli.list_commands(click.Context(cli))]:
+    visible = [name for name in cli.list_commands(click.Context(cli)) if not cli.commands[name].hidden]
+    for name in [None, *visible]:
         args = ["--help"] if name is None else [name, "--help"]
         result = runner.invoke(cli, args, prog_name="kdcache", terminal_width=100)
         if result.exit_code != 0:

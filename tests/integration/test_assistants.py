@@ -133,7 +133,7 @@ def test_make_runs_the_assistant_chain_and_reruns_only_what_changed(tmp_path):
     installed = tmp_path / "installed"
     installed.touch()
     run = tmp_path / "run"
-    stages = ("prepare", "precompute --overwrite", "assistants", "precompute --source assistant", "train", "evaluate")
+    stages = ("prepare", "precompute --run-dir", "assistants", "precompute --source assistant", "train", "evaluate")
 
     def plan(*overrides):
         args = " ".join(f"-s {o}" for o in overrides)

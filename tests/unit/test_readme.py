@@ -11,9 +11,12 @@ def test_readme_cli_reference_matches_the_cli():
         "README.md's CLI reference is stale: run `make docs`"
 
 
-def test_every_command_is_documented():
+def test_every_command_is_documented_and_no_hidden_one():
     from kdcache.pipeline.cli import cli
 
     section = readme_section(README.read_text())
-    for name in cli.commands:
-        assert f"#### `kdcache {name}`" in section
+    hidden = [name for name, command in cli.commands.items() if command.hidden]
+    assert {"stamps", "run-dir", "makefile"} <= set(hidden)        # the Makefile's helpers: not for users
+    for name, command in cli.commands.items():
+        assert (f"#### `kdcache {name}`" in section) != command.hidden, name
+        assert (f"\n  {name} " in section.split("#### `kdcache ")[0]) != command.hidden, name  # `kdcache --help`
