@@ -59,7 +59,7 @@ def _student(base: Path, out: Path, name: str, source: str) -> dict:
     run = _variant_dir(base, out, name, source)
     cfg = _config(run, **{"train.source": source})
     start = time.perf_counter()
-    train.run(cfg, resume=False)
+    train.run(cfg, overwrite=True)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     metrics = evaluate.run(cfg)

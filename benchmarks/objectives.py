@@ -134,7 +134,7 @@ def train_and_evaluate(label: str, cfg: Config, budget: dict) -> dict:
     finished = (state is not None and state["step"] == cfg.train.max_steps
                 and state["config"]["train"] == dataclasses.asdict(cfg.train)
                 and (cfg.student_dir / "final" / "config.json").exists())
-    final = cfg.student_dir / "final" if finished else train.run(cfg, resume=False)
+    final = cfg.student_dir / "final" if finished else train.run(cfg, overwrite=True)
     log = read_log(cfg)
     result = {"budget": budget, "config": {"loss": cfg.train.loss, "taid_adaptive": cfg.train.taid_adaptive},
               "median_step_seconds": statistics.median(r["seconds"] for r in log),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from kdcache.pipeline.config import TEACHER_SOURCE, Config, check_source_name, load_config, save_config
+from kdcache.pipeline.config import Config, check_source_name, load_config
 from kdcache.pipeline.errors import KdcacheError
 from kdcache.pipeline.freshness import mark_done, precompute_stage, write_stamps
 
@@ -32,8 +32,8 @@ def config_options(f):
         if trust_remote_code:
             overrides += ["precompute.trust_remote_code=true", "train.trust_remote_code=true"]
         cfg = load_config(config_path, overrides)
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        # no RUN/config.yaml: each stage records the config it ran with beside its outputs when its work starts
+        # (record_config), so a command refused here or by the stage's own checks leaves nothing behind
         return f(cfg, **kwargs)
     return wrapper
 
@@ -64,7 +64,9 @@ def prepare(cfg: Config, overwrite: bool):
 @click.option("--source", default=None, metavar="NAME",
               help="Cache only this one source (e.g. a complementary teacher) in RUN/signals/NAME.")
 @click.option("--model", default=None, metavar="SPEC",
-              help="The model of --source: a local dir, .gguf file or hub id (default precompute.teacher).")
+              help="The model of --source: a local dir, .gguf file or hub id (default precompute.teacher, e.g. "
+                   "a top-k cache of the teacher beside the default sampled one: --source topk "
+                   "-s precompute.signal=topk).")
 def precompute(cfg: Config, scheduler: str | None, overwrite: bool, source: str | None, model: str | None):
     """Run the teacher and every precompute.members entry once; cache each one's signal (RUN/signals/<source>)."""
     from kdcache.stages import precompute as stage
@@ -82,14 +84,13 @@ def precompute(cfg: Config, scheduler: str | None, overwrite: bool, source: str 
 
 
 def _source_model(cfg: Config, source: str) -> str | None:
-    """The model behind a named source when none is given: the chosen assistant for the assistants' source."""
+    """The model behind a named source when none is given: the chosen assistant for the assistants' source, the
+    teacher (None: precompute.teacher) for any other, e.g. a second cache of the teacher of another kind."""
     if source == cfg.assistants.source:
         chosen = cfg.assistants_dir / "chosen"
         if not (chosen / "config.json").exists():
             raise KdcacheError(f"no chosen assistant at {chosen}: run `kdcache assistants` first (or pass --model)")
         return str(chosen)
-    if source != TEACHER_SOURCE:
-        raise KdcacheError(f"--source {source} needs --model PATH (the model whose signal to cache)")
     return None
 
 
@@ -112,25 +113,39 @@ def assistants(cfg: Config, overwrite: bool):
                    "(shorthand for -s train.loss=...).")
 @click.option("--no-adaptive", is_flag=True,
               help="TAID with the linear t schedule only (shorthand for -s train.taid_adaptive=false).")
-@click.option("--no-resume", is_flag=True, help="Start from step 0 even if checkpoints exist.")
-def train(cfg: Config, loss: str | None, no_adaptive: bool, no_resume: bool):
-    """Train the student from the cached signal (RUN/student); resumes from the last checkpoint."""
+@click.option("--overwrite", is_flag=True,
+              help="Start over a student trained with other settings (its checkpoints, log and evaluation are "
+                   "removed) instead of refusing.")
+@click.option("--no-resume", is_flag=True, hidden=True, help="Deprecated: --overwrite.")
+def train(cfg: Config, loss: str | None, no_adaptive: bool, overwrite: bool, no_resume: bool):
+    """Train the student from the cached signal (RUN/student); resumes from the last checkpoint.
+
+    Into RUN/<train.output> (default RUN/student). A raised train.max_steps continues the student; other changed
+    settings are refused (see --overwrite, or -s train.output=NAME for a new student beside it)."""
     from kdcache.stages import train as stage
 
+    if no_resume:
+        click.echo("kdcache: --no-resume is deprecated: use --overwrite", err=True)
+        overwrite = True
     if loss is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss=loss))
     if no_adaptive:
         if cfg.train.loss != "taid":
             raise KdcacheError(f"--no-adaptive applies to --loss taid only, not {cfg.train.loss!r}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, taid_adaptive=False))
-    stage.run(cfg, resume=not no_resume)
+    stage.run(cfg, overwrite=overwrite)
     mark_done(cfg, "train")
 
 
 @cli.command()
 @config_options
-def evaluate(cfg: Config):
-    """Compare trained and untrained student with the teacher on held-out data (RUN/eval)."""
+@click.option("--overwrite", is_flag=True,
+              help="Accepted as by every stage that writes (evaluate always replaces its own earlier evaluation).")
+def evaluate(cfg: Config, overwrite: bool):
+    """Compare trained and untrained student with the teacher on held-out data (RUN/eval).
+
+    RUN/NAME/eval for train.output=NAME. How the student was trained (loss, source, committee, ...) is read from
+    its recorded RUN/<train.output>/config.yaml, not from the flags given."""
     from kdcache.stages import evaluate as stage
 
     stage.run(cfg)
@@ -143,25 +158,28 @@ def evaluate(cfg: Config):
 @click.option("--assistant", is_flag=True,
               help="Through a MiniDisc teacher assistant: ... -> precompute -> assistants -> precompute the "
                    "assistant -> train from the assistant's cache -> evaluate against the teacher.")
-def run(cfg: Config, scheduler: str | None, assistant: bool):
+@click.option("--overwrite", is_flag=True,
+              help="Passed to every stage: replace outputs made from other inputs, start over a student trained "
+                   "with other settings.")
+def run(cfg: Config, scheduler: str | None, assistant: bool, overwrite: bool):
     """The whole chain: prepare -> precompute -> train -> evaluate (each resumes or skips finished work)."""
     from kdcache.stages import evaluate, precompute, prepare, train
 
-    prepare.run(cfg)
+    prepare.run(cfg, overwrite=overwrite)
     mark_done(cfg, "prepare")
-    precompute.run(cfg, scheduler=scheduler)
+    precompute.run(cfg, scheduler=scheduler, overwrite=overwrite)
     mark_done(cfg, "precompute")
     if assistant:
         from kdcache.stages import assistants
 
-        assistants.run(cfg)
+        assistants.run(cfg, overwrite=overwrite)
         mark_done(cfg, "assistants")
         source = cfg.assistants.source
-        precompute.run(cfg, scheduler=scheduler, source=source, model=_source_model(cfg, source))
+        precompute.run(cfg, scheduler=scheduler, overwrite=overwrite, source=source,
+                       model=_source_model(cfg, source))
         mark_done(cfg, precompute_stage(source))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, source=source))
-        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
-    train.run(cfg)
+    train.run(cfg, overwrite=overwrite)
     mark_done(cfg, "train")
     evaluate.run(cfg)
     mark_done(cfg, "evaluate")

@@ -18,6 +18,9 @@ SIGNAL_KINDS = ("topk", "sample", "hybrid")  # what precompute caches per positi
 SAMPLE_DRAWS = ("iid", "systematic")          # how the sampled kinds draw (stages/signals.py)
 COMMITTEE_WEIGHTS = ("learned", "uniform", "fixed", "confidence")
 TEACHER_SOURCE = "teacher"  # the name of the teacher's signal store; other sources are named by the user
+RECORD_NAME = "config.yaml"  # the config a stage ran with, recorded beside its outputs (record_config)
+# folders of the run that belong to stages, so a student (train.output) may not take their name
+RUN_FOLDERS = ("tokens", "signals", "eval", "assistants", "report")
 
 
 def check_source_name(name: str, what: str) -> None:
@@ -178,6 +181,8 @@ class TrainConfig:
         _check(self.prefetch >= 0, f"train.prefetch must be >= 0, got {self.prefetch}")
         check_source_name(self.source, "train.source")
         check_source_name(self.output, "train.output")
+        _check(self.output not in RUN_FOLDERS, f"train.output {self.output!r} is a folder of the run "
+                                               f"({', '.join(RUN_FOLDERS)}): choose another name")
         for name in self.committee:
             check_source_name(name, "train.committee member")
         _check(len(set(self.committee)) == len(self.committee), f"train.committee lists a source twice: {self.committee}")
@@ -408,3 +413,28 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def save_config(cfg: Config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def record_config(cfg: Config, folder: Path, what: str) -> Path:
+    """folder/config.yaml: the config the stage that writes `folder` ran with, under a comment line `what`.
+    Stages call this when their real work starts (after every check), so a command refused for bad input records
+    nothing, and each output keeps the config that made it whatever later commands run with. Every section, but
+    not run_dir: the record lies in the run folder, which may move, and the same work in two run folders records
+    the same bytes. Written aside and renamed, so a reader never sees half a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RECORD_NAME}.{os.getpid()}.tmp"
+    sections = {k: v for k, v in cfg.to_dict().items() if k != "run_dir"}
+    tmp.write_text(f"# {what}\n" + yaml.safe_dump(sections, sort_keys=False))
+    os.replace(tmp, folder / RECORD_NAME)
+    return folder / RECORD_NAME
+
+
+def recorded_config(folder: Path) -> Config | None:
+    """The config recorded in folder/config.yaml by the stage that wrote `folder`, or None when there is none."""
+    path = Path(folder) / RECORD_NAME
+    if not path.exists():
+        return None
+    try:
+        return load_config(path)
+    except KdcacheError as e:
+        raise KdcacheError(f"the recorded config {path} cannot be read ({e}): rerun the stage that wrote it") from None

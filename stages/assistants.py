@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache.pipeline.config import Config
+from kdcache.pipeline.config import Config, record_config
 from kdcache.pipeline.errors import KdcacheError
 from kdcache.stages import pruning
 from kdcache.stages.data import CachedKDDataset, Prefetcher
@@ -239,6 +239,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
                                "pass --overwrite to replace it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    record_config(cfg, out_dir, "kdcache assistants: the config this MiniDisc trial and choice ran with")
     _write_json(inputs_path, inputs)
     seconds = {}
 

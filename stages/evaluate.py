@@ -9,16 +9,20 @@ Metrics per student, over the validation loss positions:
                   without the exact top-5 (sample, hybrid with k < 5): counts tie and miss ids, so their order is noise
 -> RUN/eval/metrics.json and report.md. A committee run (train.committee) also gets RUN/eval/committee_weights.json:
 how the trained student weighs its members, by the class of the true next token (committee_weights).
+How the student was trained (loss, source, committee, ...) is read from its recorded RUN/<train.output>/config.yaml
+(trained_config), and metrics.json names the student it measured (step and sha256 of final/, from the student's
+training.json), so an evaluation of an earlier student is told apart (kdcache report marks it stale).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import torch
 from safetensors.torch import load_model
 
-from kdcache.pipeline.config import Config
+from kdcache.pipeline.config import Config, TrainConfig, record_config, recorded_config
 from kdcache.pipeline.errors import KdcacheError
 from kdcache.stages.committee import TOKEN_CLASSES, token_classes
 from kdcache.stages.data import CachedKDDataset, to_device
@@ -28,8 +32,8 @@ from kdcache.stages.losses.targets import teacher_topk
 from kdcache.stages.models import load_tokenizer
 from kdcache.stages.progress import progress
 from kdcache.stages.runtime import pick_device
-from kdcache.stages.train import (Committee, latest_checkpoint, loss_inputs, open_committee, open_stores, output_head,
-                          student_hidden)
+from kdcache.stages.train import (RESUMABLE, Committee, latest_checkpoint, loss_inputs, open_committee, open_stores,
+                                  output_head, student_hidden, student_record)
 
 KL_SPEC = ObjectiveSpec(name="kl", tail="bucket")
 COMMITTEE_WEIGHTS = "committee_weights.json"
@@ -152,29 +156,58 @@ def committee_weights(cfg: Config, device, max_sequences: int | None) -> dict | 
     return {"split": "validation", "members": list(tc.committee), "weights": tc.committee_weights, "groups": out}
 
 
+def trained_config(cfg: Config) -> Config:
+    """cfg with the train section the student of cfg.train.output was trained with, read from its recorded
+    config.yaml: how it learnt (loss, source, committee members and weights, ...) is not asked again. Which student
+    (train.output), on which device and whether remote code may run stay the caller's. A setting given here
+    that differs from the record (and from the default, so it was asked for) is named in one line; a student
+    trained before configs were recorded is evaluated with cfg as given."""
+    recorded = recorded_config(cfg.student_dir)
+    if recorded is None:
+        return cfg
+    given = cfg.train
+    train = dataclasses.replace(recorded.train, output=given.output, device=given.device,
+                                trust_remote_code=given.trust_remote_code)
+    asked = [f"train.{f.name}={getattr(train, f.name)} (not {getattr(given, f.name)})"
+             for f in dataclasses.fields(TrainConfig) if f.name not in RESUMABLE
+             and getattr(given, f.name) not in (getattr(train, f.name), getattr(TrainConfig(), f.name))]
+    if asked:
+        print(f"evaluate: {cfg.student_dir} is evaluated as it was trained ({cfg.student_dir / 'config.yaml'}): "
+              + ", ".join(asked), flush=True)
+    return dataclasses.replace(cfg, train=train)
+
+
 def run(cfg: Config) -> dict:
     from transformers import AutoModelForCausalLM
 
+    cfg = trained_config(cfg)
     ec = cfg.evaluate
     device = pick_device(cfg.train.device)
     tokens, signals = open_stores(cfg)
-    (cfg.eval_dir / COMMITTEE_WEIGHTS).unlink(missing_ok=True)  # a report must not show another run's weights
-    results = {}
-    for name in ("untrained", "trained"):
-        path = cfg.student_dir / ("init" if name == "untrained" else "final")
+    paths = {name: cfg.student_dir / folder for name, folder in (("untrained", "init"), ("trained", "final"))}
+    for name, path in paths.items():
         if not (path / "config.json").exists():
             raise KdcacheError(f"no {name} student at {path}: run `kdcache train` first")
+    record_config(cfg, cfg.eval_dir, "kdcache evaluate: the config this evaluation ran with (its train section "
+                                     "is the student's recorded one)")
+    (cfg.eval_dir / COMMITTEE_WEIGHTS).unlink(missing_ok=True)  # a report must not show another run's weights
+    results = {}
+    for name, path in paths.items():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      trust_remote_code=cfg.train.trust_remote_code)
         results[name] = evaluate_model(model, tokens, signals, ec.batch_size, ec.max_sequences, device,
                                        desc=f"evaluate ({name})")
         del model
+    record = student_record(paths["trained"]) or {}
     metrics = {"split": "validation", "students": results,
+               # which trained student this measured: kdcache report compares it with final/training.json
+               "student": {"path": str(paths["trained"]), "step": record.get("step"), "sha256": record.get("sha256")},
                "cache": {"path": str(cfg.signals_dir), "signal": signals.manifest.params.get("signal", "topk"),
                          "k": signals.manifest.params["k"], "samples": signals.manifest.params.get("samples"),
                          "bytes_per_token": signals.nbytes() / _positions(signals)},
                "config": {"student": cfg.train.student, "output": cfg.train.output, "loss": cfg.train.loss,
-                          "tail": cfg.train.tail, "max_steps": cfg.train.max_steps,
+                          "tail": cfg.train.tail, "max_steps": cfg.train.max_steps, "source": cfg.train.source,
+                          "committee": cfg.train.committee,
                           "teacher": signals.manifest.params["teacher"]}}
     cfg.eval_dir.mkdir(parents=True, exist_ok=True)
     (cfg.eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -21,7 +21,7 @@ from pathlib import Path
 import dask
 import torch
 
-from kdcache.pipeline.config import Config, check_source_name
+from kdcache.pipeline.config import RECORD_NAME, TEACHER_SOURCE, Config, check_source_name, record_config
 from kdcache.pipeline.errors import KdcacheError
 from kdcache.stages.models import (load_teacher, model_fingerprint, model_tokenizer_fingerprint,
                            resolve_model_path)
@@ -238,6 +238,10 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
     stores = [Store.create(cfg.signal_dir(name), manifest, overwrite) for (name, _), manifest in zip(sources, manifests)]
     done = [store.committed() for store in stores]
     todo = [[r for r in store.manifest.layout if r.name not in d] for store, d in zip(stores, done)]
+    for (name, spec), store, records in zip(sources, stores, todo):  # a finished store keeps the config that made it
+        if records or not (store.path / RECORD_NAME).exists():    # (its manifest's params.teacher names the model)
+            record_config(cfg, store.path, f"kdcache precompute: the config this signal store was made with "
+                                           f"(source {name}, model {spec})")
     seq_len = tokens.manifest.params["seq_len"]
     total = sum(r.count for r in tokens.manifest.layout) * seq_len * len(sources)
     threads = pc.threads_per_worker or max(1, (os.cpu_count() or 1) // pc.workers)
@@ -288,6 +292,7 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
             raise KdcacheError(f"precompute finished with {len(store.manifest.layout) - len(store.manifest.shards)} "
                                f"shards missing in {store.path}: rerun to resume")
         positions = sum(r.count for r in store.manifest.layout) * seq_len
-        print(f"precompute: {name}: {positions} positions, {what}, {store.nbytes() / 1e6:.1f} MB "
+        made_by = "" if name == TEACHER_SOURCE else f" (model {store.manifest.params['teacher']})"
+        print(f"precompute: {name}{made_by}: {positions} positions, {what}, {store.nbytes() / 1e6:.1f} MB "
               f"({store.nbytes() / positions:.1f} B/token) -> {store.path}", flush=True)
     return stores

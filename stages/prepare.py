@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.pipeline.config import Config, PrepareConfig
+from kdcache.pipeline.config import RECORD_NAME, Config, PrepareConfig, record_config
 from kdcache.pipeline.errors import KdcacheError
 from kdcache.stages.models import load_tokenizer, tokenizer_fingerprint
 from kdcache.stages.progress import progress, track
@@ -299,6 +299,8 @@ def run(cfg: Config, overwrite: bool = False) -> Store:
     try:
         done = store.committed()
         todo = [r for r in manifest.layout if r.name not in done]
+        if todo or not (cfg.tokens_dir / RECORD_NAME).exists():  # a finished store keeps the config that made it
+            record_config(cfg, cfg.tokens_dir, "kdcache prepare: the config this token store was made with")
         dtype = id_dtype(vocab_size)
         for rec in track(todo, len(todo), "prepare: writing shards", unit="shard"):
             ids, mask = arrays[rec.split]

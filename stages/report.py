@@ -437,15 +437,35 @@ def metrics_section(root: Path) -> Section | None:
     if not files:
         return None
     rows = [["run", "student", "KL(teacher‖student)", "top-1 agreement", "top-5 order agreement", "perplexity"]]
+    stale_any = False
     for path in files:
         metrics = read_json(path)
         output, above = metrics["config"].get("output", STUDENT_DIR), path.parent.parent
         # RUN/eval belongs to the default student, RUN/<train.output>/eval to another one
-        run = student_label(above if above.name == output else above / output, root)
+        student_dir = above if above.name == output else above / output
+        run = student_label(student_dir, root)
+        stale = _stale_evaluation(metrics, student_dir / "final")
+        stale_any |= stale
         for name, m in metrics["students"].items():
-            rows.append([run, name, f"{m['kl_teacher']:.4f}", f"{m['top1_agreement']:.2%}",
+            label = f"{name} (stale)" if stale and name == "trained" else name
+            rows.append([run, label, f"{m['kl_teacher']:.4f}", f"{m['top1_agreement']:.2%}",
                          percent(m.get("top5_order_agreement")), f"{m['perplexity']:.2f}"])
-    return Section("Held-out metrics", "Validation split; KL against the cached teacher signal.", table=rows)
+    text = "Validation split; KL against the cached teacher signal."
+    if stale_any:
+        text += (" A student marked (stale) was trained further or replaced after it was evaluated: its row "
+                 "measures the earlier student; rerun `kdcache evaluate` for the current one.")
+    return Section("Held-out metrics", text, table=rows)
+
+
+def _stale_evaluation(metrics: dict, final: Path) -> bool:
+    """Whether an evaluation measured another trained student than the one now in `final`: its sha256 (from the
+    student's training.json) differs, or the student is gone. An evaluation or student without the record is
+    taken as current (they predate it)."""
+    measured = (metrics.get("student") or {}).get("sha256")
+    if measured is None:
+        return False
+    record = final / "training.json"
+    return not record.exists() or read_json(record).get("sha256") != measured
 
 
 def training_sections(logs: dict[str, StudentLog], out_dir: Path) -> list[Section]:

@@ -4,6 +4,14 @@ Recipe: open the token + signal stores (fingerprints checked) -> build the stude
 prefetch) -> objective on the sparse targets of the loss positions -> AdamW with warmup + cosine LR, gradient
 accumulation and clipping -> atomic checkpoints (model, optimiser, schedules, stream position) -> save_pretrained.
 
+A rerun resumes from the last checkpoint. Raising train.max_steps continues the run: the LR and TAID schedules
+are extended from the resume step (kdcache.stages.schedules: WarmupCosineLR.extend, TAIDSchedule.extend), never
+re-warmed. Any other change of a setting that shapes the trajectory, or of the stores it reads, is refused with
+one line naming it (resume_plan); --overwrite starts the student over, train.output=NAME trains another beside it.
+The config a student was trained with is recorded in RUN/<train.output>/config.yaml (evaluate reads it) and the
+saved student carries final/training.json (its step and the sha256 of its weights), by which an evaluation of an
+earlier student is told apart.
+
 Under torchrun (WORLD_SIZE > 1) every rank streams its own disjoint shards, the loss is normalised by the global
 token count of the step and the gradients are summed over the ranks once per step, so the run follows the
 single-process one with batch_size x world. Rank 0 writes the log, the checkpoints (which record the world size
@@ -14,7 +22,9 @@ With train.committee the student reads several sources in lockstep and learns fr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -25,9 +35,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 
-from kdcache.pipeline.config import TEACHER_SOURCE, Config, TrainConfig
+from kdcache.pipeline.config import RECORD_NAME, TEACHER_SOURCE, Config, TrainConfig, record_config
 from kdcache.pipeline.errors import KdcacheError
-from kdcache.pipeline.freshness import stage_inputs
 from kdcache.stages.committee import TeacherUnderstanding
 from kdcache.stages.data import CachedKDDataset, Prefetcher, signal_key
 from kdcache.stages.losses import ObjectiveSpec, compute_objective
@@ -41,6 +50,13 @@ from kdcache.storage import Store
 
 CHECKPOINT_PREFIX = "step-"
 TENSORBOARD_DIR = "tensorboard"
+TRAINING_RECORD = "training.json"  # in RUN/<train.output>/final: its step, the sha256 of its weights, its inputs
+# train settings that change how a run executes, logs or checkpoints, not its trajectory: a checkpoint made with
+# other values resumes (chunk_size only cuts the same loss into pieces; output is the folder's own name)
+RESUMABLE = frozenset({"checkpoint_every", "keep_checkpoints", "prefetch", "device", "chunk_size",
+                       "trust_remote_code", "output"})
+OVERWRITE_HINT = "pass --overwrite (make: OVERWRITE=1) to start it over, or -s train.output=NAME to train a new " \
+                 "student beside it"
 
 
 def objective_spec(tc: TrainConfig) -> ObjectiveSpec:
@@ -106,17 +122,26 @@ def check_student(student, signals: Store, student_spec: str, trust_remote_code:
                                f"{signals.manifest.fingerprints['tokenizer']}: use a student with the teacher's tokenizer")
 
 
-def peaks_note(loss: str, signals: Store) -> str | None:
+def peaks_note(loss: str, signals: Store, output: str = TrainConfig.output) -> str | None:
     """A warning when an objective built on the teacher's exact distribution shape reads a sampled cache: TAID
     interpolates teacher logits, which a `sample` cache holds only for the drawn ids (every other id gets
     probability 0 in its target), and RLKD ranks the teacher's top ids, which count ties blur. A hybrid cache
-    keeps exact top-k peaks."""
+    keeps exact top-k peaks. The advice is the pair of commands that works in the same run folder: a top-k cache
+    of the same model as a source of its own beside the sampled one (which other students may use), and a new
+    student trained from it beside the current one."""
     kind = signals.manifest.params.get("signal", "topk")
     if kind != "sample" or not (loss == "taid" or loss.startswith("rlkd")):
         return None
+    source = signals.manifest.params.get("source", TEACHER_SOURCE)
+    topk = "topk" if source == TEACHER_SOURCE else f"{source}-topk"
+    model = "" if source == TEACHER_SOURCE else f" --model {signals.manifest.params.get('teacher')}"
+    name = loss.split("+")[0]
+    student = name if name != output else f"{name}-topk"
     return (f"train: warning: train.loss={loss} on the sampled cache {signals.path} (precompute.signal=sample): "
-            f"{loss.split('+')[0].upper()} needs the teacher's exact peaks, which a sampled cache only estimates; "
-            "precompute with -s precompute.signal=topk (or hybrid) for it")
+            f"{name.upper()} needs the teacher's exact peaks, which a sampled cache only estimates; cache them beside "
+            f"it and train from there: `kdcache precompute --source {topk}{model} -s precompute.signal=topk` then "
+            f"`kdcache train --loss {loss} -s train.source={topk} -s train.output={student}` (give both this run's "
+            "-c/--run-dir/-s options first)")
 
 
 def student_hidden(student, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -169,23 +194,71 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def training_inputs(cfg: Config, stores: list[Store]) -> dict:
-    """What a checkpoint's trajectory depends on: the train settings that shape the run (not how it is logged or
-    checkpointed) and the content of the stores it streams. A checkpoint made from other inputs cannot be resumed."""
-    shaping = {k: v for k, v in stage_inputs(cfg)["train"].items() if k != "device"}  # a run may move to a GPU
-    return {"train": shaping, "stores": sorted(s.manifest.fingerprint() for s in stores)}
+def training_inputs(cfg: Config, stores: dict[str, Store]) -> dict:
+    """What a checkpoint's trajectory depends on: the train settings that shape it (all but RESUMABLE) and the
+    content of the stores it streams, {"tokens" | "signals/<source>": fingerprint}. As JSON would give it back."""
+    shaping = {k: v for k, v in cfg.train.__dict__.items() if k not in RESUMABLE}
+    return json.loads(json.dumps({"train": shaping,
+                                  "stores": {name: s.manifest.fingerprint() for name, s in stores.items()}}))
 
 
-def _stale_checkpoint(checkpoint: Path, inputs: dict) -> str | None:
-    """Why `checkpoint` was made from other inputs than `inputs` (None if it matches, or predates the record)."""
-    saved = json.loads((checkpoint / "state.json").read_text()).get("inputs")
-    if saved is None or saved == inputs:
-        return None
-    if saved["stores"] != inputs["stores"]:
-        return "the cached stores changed"
-    changed = sorted(k for k in set(saved["train"]) | set(inputs["train"])
-                     if saved["train"].get(k) != inputs["train"].get(k))
-    return ", ".join(f"train.{k}: {saved['train'].get(k)!r} -> {inputs['train'].get(k)!r}" for k in changed[:3])
+def _show(value) -> str:
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+
+
+def setting_changes(saved: dict, inputs: dict) -> list[str]:
+    """How `inputs` differ from the inputs a checkpoint was made from, one `train.lr: 0.003 -> 0.001` or
+    `signals/teacher: sha256:... -> sha256:...` each; RESUMABLE settings and max_steps (see resume_plan) aside."""
+    old, new = saved["train"], inputs["train"]
+    changes = [f"train.{k}: {_show(old.get(k))} -> {_show(new.get(k))}"
+               for k in sorted((set(old) | set(new)) - RESUMABLE - {"max_steps"}) if old.get(k) != new.get(k)]
+    if isinstance(saved["stores"], list):  # a checkpoint from before the stores were named
+        if sorted(saved["stores"]) != sorted(inputs["stores"].values()):
+            changes.append("the cached stores were rebuilt")
+        return changes
+    for name in sorted(set(saved["stores"]) & set(inputs["stores"])):  # another source is a train.* change above
+        if saved["stores"][name] != inputs["stores"][name]:
+            changes.append(f"{name}: {saved['stores'][name][:19]}... -> {inputs['stores'][name][:19]}... (rebuilt)")
+    return changes
+
+
+def resume_plan(out_dir: Path, inputs: dict, max_steps: int, overwrite: bool) -> tuple[str, dict | None, str]:
+    """What to do with the student already in out_dir: (action, saved, why). saved is the latest checkpoint's
+    state (or, with no checkpoint left, final/training.json; None when there is no student). action:
+      fresh       no student yet: train from step 0
+      resume      the same settings: continue from the checkpoint (or nothing to do, already trained)
+      extend      only max_steps raised: continue from the checkpoint, schedules extended to the new horizon
+      start over  --overwrite and a student that a fresh run with these settings would not retrace (other
+                  settings, another max_steps, or extended before): it is removed, training starts from step 0
+    Without --overwrite any other change (lr, loss, student, a rebuilt store, a lower max_steps, ...) raises one
+    line naming it and the two ways on. `why` names the changes of a start over."""
+    checkpoint = latest_checkpoint(out_dir / "checkpoints")
+    record = out_dir / "final" / TRAINING_RECORD
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / "state.json").read_text())
+    elif record.exists():  # checkpoints deleted by hand: the saved student's record still says what it is
+        saved = json.loads(record.read_text())
+    else:
+        return "fresh", None, ""
+    if saved.get("inputs") is None:  # a checkpoint older than the record of its inputs: taken as these settings
+        return "resume", saved, ""
+    changes = setting_changes(saved["inputs"], inputs)
+    before = saved["inputs"]["train"]["max_steps"]
+    if overwrite:
+        if before != max_steps:
+            changes.append(f"train.max_steps: {before} -> {max_steps}")
+        if not changes and saved.get("extended_at"):
+            changes.append(f"extended at step(s) {_show(saved['extended_at'])}")
+        return ("start over", saved, "; ".join(changes)) if changes else ("resume", saved, "")
+    if max_steps < before:
+        changes.append(f"train.max_steps: {before} -> {max_steps} (only a higher max_steps continues a run)")
+    if changes:
+        raise KdcacheError(f"{out_dir} holds a student trained with other settings ({'; '.join(changes)}): "
+                           + OVERWRITE_HINT)
+    if max_steps > before and checkpoint is None:
+        raise KdcacheError(f"{out_dir} has no checkpoint left to continue from (train.max_steps: {before} -> "
+                           f"{max_steps}): " + OVERWRITE_HINT)
+    return ("extend" if max_steps > before else "resume"), saved, ""
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, student, optimizer, state: dict, keep: int,
@@ -224,25 +297,52 @@ def load_checkpoint(path: Path, student, optimizer, committee: "Committee | None
         return json.loads((path / "state.json").read_text())
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:160]
+        # not --overwrite: with unchanged settings it would resume from this very checkpoint
         raise KdcacheError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {reason}): delete it to "
-                           "resume from an earlier one, or pass --no-resume") from e
+                           f"resume from an earlier one, or delete {path.parent} to start over") from e
 
 
-def save_student(student, out: Path, tokenizer_spec: str, trust_remote_code: bool = False) -> None:
-    """save_pretrained (+ the teacher's tokenizer) atomically, so `from_pretrained(out)` loads the student."""
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 over the safetensors files of a saved model, in name order: which student an evaluation measured."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def save_student(student, out: Path, tokenizer_spec: str, trust_remote_code: bool = False,
+                 record: dict | None = None) -> None:
+    """save_pretrained (+ the teacher's tokenizer) atomically, so `from_pretrained(out)` loads the student. With
+    `record`, out/training.json holds it plus the sha256 of the saved weights."""
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     student.save_pretrained(tmp)
     load_tokenizer(tokenizer_spec, trust_remote_code).save_pretrained(tmp)
+    if record is not None:
+        (tmp / TRAINING_RECORD).write_text(json.dumps({**record, "sha256": weights_sha256(tmp)}, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.rename(tmp, out)
 
 
-def _start_over(out_dir: Path) -> None:
-    """Forget a previous trajectory: its checkpoints, its log and its TensorBoard events."""
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)
+def student_record(model_dir: Path) -> dict | None:
+    """The saved student's final/training.json (step, sha256 of its weights, ...), or None for a student saved
+    without one."""
+    path = Path(model_dir) / TRAINING_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def clear_student(cfg: Config) -> None:
+    """Forget the student of cfg.train.output: checkpoints, log, TensorBoard events, the saved untrained and
+    trained students, its recorded config and its evaluation (which measured it). Only these: the folder may
+    hold the user's own files."""
+    out_dir = cfg.student_dir
+    for name in ("checkpoints", TENSORBOARD_DIR, "init", "final"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", RECORD_NAME):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(cfg.eval_dir, ignore_errors=True)
 
 
 def tensorboard_writer(path: Path, purge_step: int):
@@ -301,27 +401,33 @@ class Committee:
 
 # ---- the stage -----------------------------------------------------------------------------------------
 
-def run(cfg: Config, resume: bool = True) -> Path:
+def run(cfg: Config, overwrite: bool = False) -> Path:
+    """Train cfg.train.output; resume or continue what is there (see resume_plan). overwrite: start over a
+    student trained with other settings instead of refusing."""
     tc = cfg.train
     spec = objective_spec(tc)
     rank, world, device = init_distributed(pick_device(tc.device))
     try:
-        return _run(cfg, tc, spec, rank, world, device, resume)
+        return _run(cfg, tc, spec, rank, world, device, overwrite)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: int, device, resume: bool) -> Path:
+def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: int, device, overwrite: bool) -> Path:
     torch.manual_seed(tc.seed)
     if tc.committee:
+        if spec.name == "ce":
+            raise KdcacheError("invalid config: train.committee needs a distillation loss, not train.loss=ce")
+        if world > 1:
+            raise KdcacheError("train.committee under torchrun is not supported yet: train a committee in one process")
         tokens, member_stores = open_committee(cfg, tc.committee)
         signals = member_stores[tc.committee[0]]
     else:
         tokens, signals = open_stores(cfg, tc.source)
         member_stores = None
     for store in (member_stores or {"": signals}).values():
-        note = peaks_note(spec.name, store)
+        note = peaks_note(spec.name, store, tc.output)
         if note and rank == 0:
             print(note, flush=True)
     # layerdrop/random students and the saved tokenizer come from the teacher, whichever source the signal is
@@ -337,14 +443,35 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
     student.config.use_cache = False
     out_dir, ckpt_dir = cfg.student_dir, cfg.student_dir / "checkpoints"
     log_path = out_dir / "metrics.jsonl"
+    sources = tc.committee or [tc.source]
+    inputs = training_inputs(cfg, {"tokens": tokens, **{f"signals/{s}": (member_stores or {s: signals})[s]
+                                                         for s in sources}})
+    action, saved, why = resume_plan(out_dir, inputs, tc.max_steps, overwrite)  # may refuse, before any change
+    resumable = action in ("resume", "extend") and latest_checkpoint(ckpt_dir) is not None
+    if resumable and saved.get("world_size", 1) != world:  # a rank's stream position belongs to that world's split
+        raise KdcacheError(f"the checkpoints in {ckpt_dir} were written by {saved['world_size']} process(es) but "
+                           f"this run has {world}: resume with {saved['world_size']} (torchrun "
+                           f"--nproc_per_node={saved['world_size']}) or start over with --overwrite")
+    if world > 1:
+        dist.barrier()  # every rank has read the checkpoints before rank 0 may clear them
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not (out_dir / "init" / "config.json").exists():  # the untrained student, evaluate's baseline
+        if action == "start over":
+            print(f"train: --overwrite: starting {out_dir} over ({why}): its checkpoints (up to step "
+                  f"{saved['step']}), log, saved students and evaluation are removed", flush=True)
+        if action in ("fresh", "start over"):
+            clear_student(cfg)  # also what a run killed before its first checkpoint left
+            out_dir.mkdir(parents=True, exist_ok=True)
+            # the untrained student, evaluate's baseline
             save_student(student, out_dir / "init", teacher_spec, cfg.precompute.trust_remote_code)
-        if not resume:
-            _start_over(out_dir)
+        record_config(cfg, out_dir, "kdcache train: the config this student is trained with (rewritten when it "
+                                    "continues; evaluate reads it)")
     if world > 1:
         dist.barrier()  # rank 0 has cleared old checkpoints before anyone looks for one
+    if action == "resume" and not resumable:  # checkpoints deleted by hand, the trained student is saved
+        if rank == 0:
+            print(f"train: {out_dir / 'final'} is already trained to step {saved['step']} (no checkpoint left)",
+                  flush=True)
+        return out_dir / "final"
     student.to(device).train()
     if world > 1:  # every rank starts from rank 0's weights, whatever its own random state
         for tensor in student.state_dict().values():
@@ -359,37 +486,31 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
     taid = taid_schedule(tc) if spec.name == "taid" else None
     committee = None
     if tc.committee:
-        if spec.name == "ce":
-            raise KdcacheError("invalid config: train.committee needs a distillation loss, not train.loss=ce")
-        if world > 1:
-            raise KdcacheError("train.committee under torchrun is not supported yet: train a committee in one process")
         committee = Committee(tc, student.config.hidden_size, signals.manifest.params["vocab_size"], device)
 
-    step, position = 0, 0
-    inputs = training_inputs(cfg, [tokens, *(member_stores or {"": signals}).values()])
-    checkpoint = latest_checkpoint(ckpt_dir) if resume else None
-    if checkpoint is not None:
-        saved_world = json.loads((checkpoint / "state.json").read_text()).get("world_size", 1)
-        if saved_world != world:  # each rank's stream position belongs to that world size's shard split
-            raise KdcacheError(f"checkpoint {checkpoint} was written by {saved_world} process(es) but this run has "
-                               f"{world}: resume with {saved_world} (torchrun --nproc_per_node={saved_world}) "
-                               f"or start over with --no-resume")
-    stale = _stale_checkpoint(checkpoint, inputs) if checkpoint is not None else None
-    if stale is not None:  # e.g. `make train` after a config change: the old trajectory is not this run's
-        if world > 1:
-            dist.barrier()  # every rank has read the checkpoint list before rank 0 clears it
-        if rank == 0:
-            print(f"train: the checkpoints in {ckpt_dir} were made from other inputs ({stale}): starting over",
-                  flush=True)
-            _start_over(out_dir)
-        checkpoint = None
+    step, position, extended_at = 0, 0, []
+    checkpoint = latest_checkpoint(ckpt_dir) if action in ("resume", "extend") else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer, committee)
         step, position = state["step"], state.get("positions", [state["position"]])[rank]
+        extended_at = state.get("extended_at", [])
+        if state.get("lr_schedule"):  # an earlier extension lives in the schedule's state
+            lr_schedule.load_state_dict(state["lr_schedule"])
         if taid is not None:
             taid.load_state_dict(state["taid"])
         if rank == 0:
             print(f"train: resuming from {checkpoint.name} (step {step}, sequence {position})", flush=True)
+        if tc.max_steps > lr_schedule.total_steps:  # train.max_steps raised: the same run goes on, longer
+            before = lr_schedule.total_steps
+            lr_schedule.extend(step, tc.max_steps)
+            if taid is not None:
+                taid.extend(step, tc.max_steps)
+            extended_at = [*extended_at, step]
+            if rank == 0:
+                lr, floor = lr_schedule.lr(step), tc.lr * tc.min_lr_ratio
+                how = (f"stays at its minimum {floor:.2e} (the cosine had ended)" if math.isclose(lr, floor) else
+                       f"goes on from {lr:.2e} at step {step} down a cosine to {floor:.2e} at step {tc.max_steps}")
+                print(f"train: continuing to train.max_steps={tc.max_steps} (was {before}): the LR {how}", flush=True)
     if rank == 0:
         _truncate_log(log_path, step)  # lines past the resume point (all, when a run killed before its first checkpoint)
     if step >= tc.max_steps:
@@ -415,7 +536,7 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
                             state = {"step": step, "position": positions[0], "positions": positions,
                                      "world_size": world, "lr_schedule": lr_schedule.state_dict(),
                                      "taid": taid.state_dict() if taid is not None else None,
-                                     "config": cfg.to_dict(), "inputs": inputs}
+                                     "config": cfg.to_dict(), "inputs": inputs, "extended_at": extended_at}
                             save_checkpoint(ckpt_dir, step, student, optimizer, state, tc.keep_checkpoints,
                                             committee)
         finally:
@@ -424,7 +545,8 @@ def _run(cfg: Config, tc: TrainConfig, spec: ObjectiveSpec, rank: int, world: in
             if board is not None:
                 board.close()
     if rank == 0:
-        save_student(student.cpu(), out_dir / "final", teacher_spec, cfg.precompute.trust_remote_code)
+        record = {"step": step, "inputs": inputs, "extended_at": extended_at, "world_size": world}
+        save_student(student.cpu(), out_dir / "final", teacher_spec, cfg.precompute.trust_remote_code, record)
         print(f"train: student saved to {out_dir / 'final'}", flush=True)
     if world > 1:
         dist.barrier()  # the student is saved before any rank returns

@@ -17,6 +17,7 @@ from kdcache.storage.store import (BACKENDS, COMMIT_NAME, SHARDS_DIR, Store, con
 
 SIGNAL_FINGERPRINTS = ("teacher", "tokenizer", "token_store")
 TOKEN_FINGERPRINTS = ("dataset", "tokenizer")
+RECORDED_CONFIG = "config.yaml"  # the writing stage's config, recorded beside the store's data (not part of it)
 
 
 # ---- verify ----------------------------------------------------------------------------------------------------
@@ -227,7 +228,8 @@ def verify_store(path: str | Path, track=None) -> tuple[list[str], int]:
             elif entry.name not in layout:
                 problems.append(f"{entry}: not a shard of this store's layout")
     for entry in sorted(path.iterdir()):
-        if entry.name not in (MANIFEST_NAME, SHARDS_DIR, LOCK_NAME):  # the lock file stays after its writer
+        # the lock file stays after its writer; config.yaml is the config the writing stage recorded beside it
+        if entry.name not in (MANIFEST_NAME, SHARDS_DIR, LOCK_NAME, RECORDED_CONFIG):
             problems.append(f"{entry}: unexpected file in the store")
     return problems, checked
 

@@ -63,13 +63,13 @@ def test_run_with_assistant_chooses_by_the_tradeoff_and_trains_the_student_from_
     # the chain: the chosen assistant's cache, a student trained from it, judged against the teacher's cache
     store = json.loads((run_dir / "signals" / "assistant" / "manifest.json").read_text())
     assert store["params"]["teacher"] == str(cfg.assistants_dir / "chosen")
-    assert load_config(run_dir / "config.yaml").train.source == "assistant"
+    assert load_config(run_dir / "student" / "config.yaml").train.source == "assistant"  # the student's record
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert metrics["cache"]["path"] == str(run_dir / "signals" / "teacher")
     assert metrics["students"]["trained"]["kl_teacher"] < metrics["students"]["untrained"]["kl_teacher"]
     for stage in ("prepare", "precompute", "assistants", "precompute-assistant", "train", "evaluate"):
         assert (run_dir / ".stages" / f"{stage}.done").exists()
-    assert main(["precompute", "--source", "other", "--run-dir", str(run_dir)]) == 2   # no --model: one-line error
+    assert main(["precompute", "--model", "x", "--run-dir", str(run_dir)]) == 2   # --model without --source
 
     # a new λ reuses the trained slimmable assistant (no teacher load); other trial inputs need --overwrite
     def no_teacher(*a, **k):

@@ -258,18 +258,31 @@ def test_source_with_another_tokenizer_is_refused(tmp_path, cached_run, tiny_tea
         precompute.run(cfg, source="member", model=str(other))
 
 
-def test_checkpoints_from_other_settings_are_not_resumed(tmp_path, cached_run, tiny_teacher, capsys):
+def test_checkpoints_from_other_settings_are_refused_and_overwrite_starts_over(tmp_path, cached_run, tiny_teacher,
+                                                                              capsys):
     cfg = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.max_steps": 4})
     train.run(cfg)
     assert train.latest_checkpoint(cfg.student_dir / "checkpoints").name == "step-00000004"
-    # what `make train` does after train.lr changed: the same command, other settings
+    # what `make train` does after train.lr changed: the same command, other settings -> one line, nothing lost
     changed = _cfg(tmp_path, cached_run, tiny_teacher, **{"train.max_steps": 4, "train.lr": 1e-3})
+    kept = sorted(p.name for p in (cfg.student_dir / "checkpoints").iterdir()), _log(cfg)
     capsys.readouterr()
-    train.run(changed)
+    assert main(["train"] + [a for o in tiny_overrides(changed.run_dir, tiny_teacher, **{"train.max_steps": 4,
+                                                                                          "train.lr": 1e-3})
+                             for a in ("-s", o)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"kdcache: error: {cfg.student_dir} holds a student trained with other settings (train.lr: 0.003 "
+                   "-> 0.001): pass --overwrite (make: OVERWRITE=1) to start it over, or -s train.output=NAME to "
+                   "train a new student beside it")
+    assert (sorted(p.name for p in (cfg.student_dir / "checkpoints").iterdir()), _log(cfg)) == kept
+    assert (cfg.student_dir / "final" / "config.json").exists()
+    # --overwrite starts over from step 0 with the new settings
+    train.run(changed, overwrite=True)
     out = capsys.readouterr().out
-    assert "made from other inputs (train.lr: 0.003 -> 0.001): starting over" in out
+    assert f"--overwrite: starting {cfg.student_dir} over (train.lr: 0.003 -> 0.001)" in out
     log = _log(changed)
     assert [r["step"] for r in log] == [1, 2, 3, 4] and log[-1]["lr"] < 1e-3 + 1e-12
+    assert log[0]["lr"] == pytest.approx(1e-3)                   # warm-up of 1 step: the new peak at once
     capsys.readouterr()
     train.run(changed)  # same settings again: nothing to redo
     assert "already at step 4 of 4" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from kdcache.pipeline.cli import main
 from kdcache.stages import train
@@ -75,6 +76,8 @@ def test_stores_hold_only_json_and_zstd_chunks(base_run, tally):
             data = path.read_bytes()
             if path.suffix == ".json":
                 json.loads(data)
+            elif path.name == "config.yaml":    # the config the writing stage recorded: plain YAML, no tags
+                assert isinstance(yaml.safe_load(data), dict)
             else:
                 # a zstd frame, or (float arrays, byte-shuffled) a Blosc frame whose compressor is zstd
                 blosc_zstd = data[:1] == b"\x02" and (data[2] >> 5) == BLOSC_ZSTD and ZSTD_MAGIC in data[16:]

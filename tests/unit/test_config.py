@@ -102,7 +102,7 @@ def test_cli_no_adaptive_sets_linear_taid(tmp_path, monkeypatch, capsys):
     from kdcache.pipeline.cli import main
 
     seen = []
-    monkeypatch.setattr(kdcache.stages.train, "run", lambda cfg, resume=True: seen.append(cfg.train))
+    monkeypatch.setattr(kdcache.stages.train, "run", lambda cfg, overwrite=False: seen.append(cfg.train))
     run_dir = ["--run-dir", str(tmp_path / "run")]
     assert main(["train", "--loss", "taid", "--no-adaptive", *run_dir]) == 0
     assert main(["train", "--loss", "taid", *run_dir]) == 0

@@ -122,3 +122,65 @@ def test_warmup_cosine_lr_without_warmup_and_round_trip():
     other = WarmupCosineLR(peak_lr=1.0, warmup_steps=3, total_steps=5)
     other.load_state_dict(json.loads(json.dumps(sched.state_dict())))
     assert [other.lr(s) for s in range(12)] == [sched.lr(s) for s in range(12)]
+
+
+def test_raising_the_horizon_of_a_finished_run_continues_at_the_minimum_lr():
+    sched = WarmupCosineLR(peak_lr=1e-3, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    sched.extend(14, 30)                                       # finished at step 14, max_steps raised to 30
+    assert [sched.lr(s) for s in range(14, 35)] == pytest.approx([1e-4] * 21)   # no re-warm-up, no jump
+
+
+def test_raising_the_horizon_mid_run_restretches_the_cosine_from_the_lr_it_had():
+    """Stopped at step 9 of 14 (0-based steps 0..8 taken), raised to 24: from step 9 on
+    lr(s) = min + (lr_old(9) - min) * (1 + cos(pi * (s - 9) / (24 - 9))) / 2."""
+    old = WarmupCosineLR(peak_lr=1e-3, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    sched = copy.deepcopy(old)
+    sched.extend(9, 24)
+    at_resume = old.lr(9)
+    assert at_resume == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    for s in range(9, 30):
+        expected = 1e-4 + (at_resume - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - 9) / 15)))
+        assert sched.lr(s) == pytest.approx(expected, rel=1e-12), s
+    assert sched.lr(9) == old.lr(9)                            # continuous at the resume step
+    assert all(a >= b for a, b in zip([sched.lr(s) for s in range(9, 30)], [sched.lr(s) for s in range(10, 31)]))
+
+
+def test_raising_the_horizon_during_warmup_only_moves_the_end_of_the_cosine():
+    sched = WarmupCosineLR(peak_lr=1e-3, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    sched.extend(2, 24)
+    assert [sched.lr(s) for s in range(25)] == [WarmupCosineLR(1e-3, 4, 24, 0.1).lr(s) for s in range(25)]
+
+
+def test_an_extended_lr_schedule_round_trips_and_extends_again():
+    sched = WarmupCosineLR(peak_lr=1e-3, warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
+    sched.extend(6, 20)
+    other = WarmupCosineLR(peak_lr=1e-3, warmup_steps=2, total_steps=10, min_lr_ratio=0.1)
+    other.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    assert [other.lr(s) for s in range(6, 25)] == [sched.lr(s) for s in range(6, 25)]
+    before = other.lr(12)
+    other.extend(12, 40)
+    assert other.lr(12) == before and other.lr(40) == pytest.approx(1e-4)
+    legacy = {"peak_lr": 1e-3, "warmup_steps": 2, "total_steps": 10, "min_lr_ratio": 0.1}  # saved before extend()
+    other.load_state_dict(legacy)
+    assert [other.lr(s) for s in range(12)] == [WarmupCosineLR(1e-3, 2, 10, 0.1).lr(s) for s in range(12)]
+    with pytest.raises(ValueError):
+        other.extend(4, 8)                                     # only a longer horizon
+
+
+def test_taid_extension_keeps_the_linear_floor_continuous_up_to_t_end_at_the_new_total():
+    sched = TAIDSchedule(total_steps=10, t_start=0.4, t_end=1.0, adaptive=False)
+    for step in range(1, 6):
+        sched.update(step, 1.0)
+    assert sched.t == pytest.approx(0.7)
+    sched.extend(5, 25)                                        # the floor now runs from 0.7 at step 5 to 1.0 at 25
+    assert sched.linear(5) == pytest.approx(0.7) and sched.linear(15) == pytest.approx(0.85)
+    assert [sched.update(s, 1.0) for s in (6, 25, 30)] == pytest.approx([0.715, 1.0, 1.0])
+    state = json.loads(json.dumps(sched.state_dict()))
+    resumed = TAIDSchedule(total_steps=10, t_start=0.4, t_end=1.0, adaptive=False)
+    resumed.load_state_dict(state)
+    assert (resumed.total_steps, resumed.linear(15)) == (25, pytest.approx(0.85))
+    finished = TAIDSchedule(total_steps=4, adaptive=False)
+    for step in range(1, 5):
+        finished.update(step, 1.0)
+    finished.extend(4, 8)                                      # a finished run stays at t_end
+    assert [finished.update(s, 1.0) for s in range(5, 9)] == [1.0] * 4

@@ -225,11 +225,17 @@ def test_objectives_that_need_exact_peaks_warn_on_a_sampled_cache():
 
     from kdcache.stages.train import peaks_note
 
-    def store(kind):
-        return SimpleNamespace(path="RUN/signals/teacher", manifest=SimpleNamespace(params={"signal": kind}))
+    def store(kind, **params):
+        return SimpleNamespace(path="RUN/signals/teacher", manifest=SimpleNamespace(params={"signal": kind, **params}))
 
     for loss in ("taid", "rlkd", "rlkd+kl"):
         note = peaks_note(loss, store("sample"))
         assert note is not None and "precompute.signal=topk" in note and "\n" not in note
         assert peaks_note(loss, store("topk")) is None and peaks_note(loss, store("hybrid")) is None
     assert peaks_note("kl", store("sample")) is None
+    # the advice is the pair of commands that works in the same run folder (run in tests/integration)
+    assert ("`kdcache precompute --source topk -s precompute.signal=topk` then `kdcache train --loss rlkd+kl "
+            "-s train.source=topk -s train.output=rlkd`") in peaks_note("rlkd+kl", store("sample"))
+    assert "-s train.output=taid-topk`" in peaks_note("taid", store("sample"), output="taid")   # not itself
+    member = peaks_note("taid", store("sample", source="helper", teacher="/m/helper"))
+    assert "`kdcache precompute --source helper-topk --model /m/helper -s precompute.signal=topk`" in member
