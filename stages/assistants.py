@@ -236,7 +236,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     if inputs_path.exists() and json.loads(inputs_path.read_text()) != json.loads(json.dumps(inputs)):
         if not overwrite:
             raise KdcacheError(f"{out_dir} was built from other inputs (assistants config, teacher or cache): "
-                               "pass --overwrite to replace it")
+                               "pass --overwrite (make: OVERWRITE=1) to replace it")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record_config(cfg, out_dir, "kdcache assistants: the config this MiniDisc trial and choice ran with")

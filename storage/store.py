@@ -186,7 +186,8 @@ class Store:
                     return Store._create_locked(path, manifest, overwrite=False)
                 if old != new:
                     raise StoreError(f"{path} already holds a store with different {what} "
-                                     f"({_diff(old, new)}): pass --overwrite, delete it, or choose another run folder")
+                                     f"({_diff(old, new)}): pass --overwrite (make: OVERWRITE=1), delete it, "
+                                     "or choose another run folder")
             store = Store(path, existing)
             store.refresh_manifest()
             return store
