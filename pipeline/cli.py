@@ -187,8 +187,9 @@ def inspect(store: str, as_json: bool):
     if as_json:
         click.echo(json.dumps(info, indent=1))
     else:
+        width = max(map(len, info))
         for key, value in info.items():
-            click.echo(f"{key:>22}: {value}")
+            click.echo(f"{key:>{width}}: {value}")
 
 
 @cli.command()
