@@ -167,7 +167,7 @@ def run(cfg: Config, scheduler: str | None, assistant: bool):
     mark_done(cfg, "evaluate")
 
 
-@cli.command()
+@cli.command(hidden=True)  # internal: the Makefile's, not a user's
 @config_options
 def stamps(cfg: Config):
     """Record each stage's config inputs in RUN/.stages (rewritten only on change; the Makefile's stage graph)."""

@@ -10,14 +10,17 @@ START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
 def cli_reference() -> str:
-    """The output of `kdcache --help` and of every `kdcache COMMAND --help`, as Markdown."""
+    """The output of `kdcache --help` and of every `kdcache COMMAND --help` it lists (not the hidden internal
+    ones), as Markdown."""
     from click.testing import CliRunner
 
     from kdcache.pipeline.cli import cli
 
     runner = CliRunner()
     parts = []
-    for name in [None, *cli.list_commands(click.Context(cli))]:
+    context = click.Context(cli)
+    shown = [name for name in cli.list_commands(context) if not cli.get_command(context, name).hidden]  # as --help
+    for name in [None, *shown]:
         args = ["--help"] if name is None else [name, "--help"]
         result = runner.invoke(cli, args, prog_name="kdcache", terminal_width=100)
         if result.exit_code != 0:

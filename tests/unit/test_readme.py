@@ -15,5 +15,16 @@ def test_every_command_is_documented():
     from kdcache.pipeline.cli import cli
 
     section = readme_section(README.read_text())
-    for name in cli.commands:
-        assert f"#### `kdcache {name}`" in section
+    for name, command in cli.commands.items():
+        assert (f"#### `kdcache {name}`" in section) != command.hidden, name
+
+
+def test_the_internal_stamps_command_is_hidden_from_help_and_reference():
+    from click.testing import CliRunner
+
+    from kdcache.pipeline.cli import cli
+
+    shown = CliRunner().invoke(cli, ["--help"]).output
+    assert "stamps" not in shown and "report" in shown
+    assert "kdcache stamps" not in cli_reference()
+    assert CliRunner().invoke(cli, ["stamps", "--help"]).exit_code == 0  # still there for the Makefile
