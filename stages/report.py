@@ -80,11 +80,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.rstrip().endswith("}")]
 
 
+# the command that writes each JSON file the report reads, for the advice of its error
+WRITERS = {"metrics.json": "`kdcache evaluate`", "committee_weights.json": "`kdcache evaluate`",
+           "ta_plan.json": "`kdcache assistants`", "state.json": "`kdcache train`", "cache.json": "`make bench-cache`"}
+
+
 def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise KdcacheError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): rerun the stage that wrote it, "
+        writer = WRITERS.get(path.name, "the stage")
+        raise KdcacheError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): rerun {writer}, which wrote it, "
                            "or move it out of the folder") from None
 
 

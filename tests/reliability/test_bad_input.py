@@ -91,8 +91,10 @@ CASES = [
     pytest.param("train", {"train.student": "layerdrop:x"}, "invalid student spec 'layerdrop:x'", "run",
                  id="bad student spec"),
     pytest.param("train", {"train.source": "../x"}, "'../x' is not a valid source name", "run", id="unsafe source name"),
-    pytest.param("train", {}, "no store at {d}/tokens-only/signals/teacher", "tokens-only", id="train before precompute"),
-    pytest.param("evaluate", {}, "no store at {d}/nothing/tokens", "nothing", id="evaluate an empty run"),
+    pytest.param("train", {}, "no store at {d}/tokens-only/signals/teacher: manifest.json is missing (run `kdcache "
+                 "precompute`", "tokens-only", id="train before precompute"),
+    pytest.param("evaluate", {}, "no store at {d}/nothing/tokens: manifest.json is missing (run `kdcache prepare`",
+                 "nothing", id="evaluate an empty run"),
     pytest.param("inspect", ["{d}"], "no store at {d}", None, id="inspect a folder that is no store"),
 ]
 

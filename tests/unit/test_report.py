@@ -76,6 +76,7 @@ def test_a_broken_result_file_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "committee_weights.json is not valid JSON" in err
+    assert "rerun `kdcache evaluate`, which wrote it" in err
 
 
 def test_a_histogram_keeps_its_plot_height_however_many_stores_its_legend_lists():
