@@ -239,8 +239,9 @@ def inspect(store: str, as_json: bool):
     if as_json:
         click.echo(json.dumps(info, indent=1))
     else:
+        width = max(map(len, info))
         for key, value in info.items():
-            click.echo(f"{key:>22}: {value}")
+            click.echo(f"{key:>{width}}: {value}")
 
 
 @cli.command()
@@ -280,12 +281,18 @@ def convert(src: str, dst: str, backend: str, overwrite: bool):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(), default="runs/default")
-def report(run_dir: str):
-    """Markdown + HTML report with PNG plots of a run folder or a folder of runs (RUN/report)."""
+@click.argument("folder", metavar="[RUN_DIR]", type=click.Path(), required=False)
+@click.option("--run-dir", default=None, help="The run folder or folder of runs to report on (same as RUN_DIR).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config file: report on its run_dir (when no RUN_DIR / --run-dir is given).")
+def report(folder: str | None, run_dir: str | None, config_path: str | None):
+    """Markdown + HTML report with PNG plots of a run folder or a folder of runs (RUN/report). The folder is
+    RUN_DIR or --run-dir, else the run_dir of -c CONFIG, else runs/default."""
     from kdcache.stages import report as stage
 
-    stage.run(Path(run_dir))
+    if folder and run_dir and Path(folder) != Path(run_dir):
+        raise KdcacheError(f"report got two folders, RUN_DIR {folder} and --run-dir {run_dir}: pass one")
+    stage.run(Path(folder or run_dir or load_config(config_path).run_dir))
 
 
 @cli.command()

@@ -386,8 +386,54 @@ def _set_dotted(data: dict, key: str, raw: str) -> None:
     data[parts[0]][parts[1]] = value
 
 
+# fields of a YAML config that may name local files or folders (each may also be a special value or a hub id)
+PATH_FIELDS = {"prepare": ("dataset", "tokenizer"), "precompute": ("teacher",), "train": ("student",)}
+SPECIAL_SPECS = ("default", "teacher")  # prepare.dataset / precompute.teacher "default", prepare.tokenizer "teacher"
+
+
+def _from_yaml_folder(value, folder: Path, always: bool = False):
+    """A relative path written in a YAML file, read from the YAML's folder: when it exists there, or `always`.
+    Absolute paths, ~ paths, special values, layerdrop:N / random:N and whatever does not exist there (a hub id,
+    a path relative to the current folder as before) are left as written."""
+    if not isinstance(value, str) or not value or value in SPECIAL_SPECS or ":" in value:
+        return value
+    if Path(value).is_absolute() or value.startswith("~"):
+        return value
+    candidate = folder / value
+    return os.path.normpath(candidate) if always or candidate.exists() else value
+
+
+def rebase_yaml_paths(data: dict, yaml_path: Path) -> dict:
+    """Paths in a YAML config are relative to the YAML file's folder, not to the current folder, so a config
+    works from anywhere (`kdcache run -c ~/proj/my.yaml`):
+      run_dir                      always (it is always a folder; made if missing), except in a run's own
+                                   recorded RUN/config.yaml, whose run_dir (relative to where it was run) names
+                                   the folder it sits in
+      prepare.dataset, prepare.tokenizer, precompute.teacher, precompute.members specs (name=spec), train.student
+                                   when the path exists relative to the YAML's folder; otherwise as written (a
+                                   hub id, `default`, `layerdrop:N`, or a path relative to the current folder)
+    Paths given on the command line (-s, --run-dir) stay relative to the current folder. A YAML in the current
+    folder (`-c my.yaml`) reads the same either way."""
+    folder = yaml_path.parent
+    data = dict(data)
+    run_dir = data.get("run_dir")
+    if isinstance(run_dir, str) and not (Path(run_dir).resolve() == folder.resolve()):  # not a recorded config
+        data["run_dir"] = _from_yaml_folder(run_dir, folder, always=True)
+    for section, names in PATH_FIELDS.items():
+        if isinstance(data.get(section), dict):
+            data[section] = {**data[section], **{n: _from_yaml_folder(data[section][n], folder)
+                                                 for n in names if n in data[section]}}
+    members = (data.get("precompute") or {}).get("members") if isinstance(data.get("precompute"), dict) else None
+    if isinstance(members, list):
+        data["precompute"]["members"] = [
+            f"{m.partition('=')[0]}={_from_yaml_folder(m.partition('=')[2].strip(), folder)}"
+            if isinstance(m, str) and "=" in m else m for m in members]
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `section.field=value` overrides, validated."""
+    """Defaults, then the YAML file (if any; its paths relative to its own folder, see rebase_yaml_paths), then
+    `section.field=value` overrides (relative to the current folder), validated."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -402,6 +448,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(data, dict):
             raise KdcacheError(f"invalid config: the YAML top level of {path} must be a mapping of sections, "
                                f"got a {type(data).__name__}")
+        data = rebase_yaml_paths(data, path)
     for item in overrides:
         if "=" not in item:
             raise KdcacheError(f"invalid override {item!r}: use section.field=value")

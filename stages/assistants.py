@@ -204,10 +204,10 @@ def student_non_embedding_params(cfg: Config) -> int:
 
     kind, _, arg = cfg.train.student.partition(":")
     if kind in ("layerdrop", "random"):
-        config = AutoConfig.from_pretrained(resolve_model_path(cfg.precompute.teacher))
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg.precompute.teacher, "precompute.teacher"))
         config.num_hidden_layers = int(arg)
     else:
-        config = AutoConfig.from_pretrained(resolve_model_path(cfg.train.student))
+        config = AutoConfig.from_pretrained(resolve_model_path(cfg.train.student, "train.student"))
     return pruning.non_embedding_params(config)
 
 

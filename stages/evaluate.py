@@ -4,9 +4,15 @@ Metrics per student, over the validation loss positions:
   perplexity      exp(mean cross-entropy on the true next token)
   kl_teacher      KL(teacher || student) on the cached top-k support plus one tail bucket (a lower bound of the
                   full-vocabulary KL; the bound is tight when the top-k covers most of the teacher's mass)
-  top1_agreement  fraction of positions where the student's argmax equals the teacher's top-1
-  top5_order_agreement  fraction where the student's top-5 ids equal the teacher's, in order; None on a cache
-                  without the exact top-5 (sample, hybrid with k < 5): counts tie and miss ids, so their order is noise
+  top1_agreement  fraction of positions where the student's argmax equals the teacher's top-1; where the teacher's
+                  top value is shared by m ids (equal counts of a sampled cache, equal stored values) a student
+                  whose argmax is one of them gets 1/m, the agreement a random tie-break would give
+                  (kdcache.stages.losses.agreement_counts), never the credit of whichever id is stored first
+  teacher_top1_tie_share  fraction of positions whose teacher top-1 is such a tie: where it is high (a flat
+                  teacher cached by N draws) top-1 agreement says little
+  top5_order_agreement  fraction where the student's top-5 ids equal the teacher's, in order (ties as for top-1);
+                  None on a cache without the exact top-5 (sample, hybrid with k < 5): counts tie and miss ids, so
+                  their order is noise
 -> RUN/eval/metrics.json and report.md. A committee run (train.committee) also gets RUN/eval/committee_weights.json:
 how the trained student weighs its members, by the class of the true next token (committee_weights).
 How the student was trained (loss, source, committee, ...) is read from its recorded RUN/<train.output>/config.yaml
@@ -28,7 +34,7 @@ from kdcache.stages.committee import TOKEN_CLASSES, token_classes
 from kdcache.stages.data import CachedKDDataset, to_device
 from kdcache.stages.losses import ObjectiveSpec, compute_objective
 from kdcache.stages.losses import committee as committee_loss
-from kdcache.stages.losses.targets import teacher_topk
+from kdcache.stages.losses.targets import SparseTarget
 from kdcache.stages.models import load_tokenizer
 from kdcache.stages.progress import progress
 from kdcache.stages.runtime import pick_device
@@ -74,7 +80,7 @@ def percent(value: float | None) -> str:
 @torch.no_grad()
 def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int | None, device, desc: str) -> dict:
     model.to(device).eval()
-    totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "top5_order": 0.0, "tail_mass": 0.0, "n": 0}
+    totals = {"ce": 0.0, "kl": 0.0, "top1": 0.0, "top5_order": 0.0, "top1_tied": 0.0, "tail_mass": 0.0, "n": 0}
     seen = 0
     seq_len = tokens.manifest.params["seq_len"]
     bar = progress(validation_sequences(tokens, signals, max_sequences) * seq_len, desc, unit="tok", unit_scale=True)
@@ -87,6 +93,7 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
         totals["ce"] += float(kl["ce_sum"])  # the true-token cross-entropy of the same logits
         totals["top1"] += float(kl["top1_agree"])
         totals["top5_order"] += float(kl["top5_order_agree"])
+        totals["top1_tied"] += float(kl["top1_tied"])
         totals["tail_mass"] += float((1 - target.logprobs.exp().sum(-1)).clamp(min=0).sum())
         totals["n"] += int(labels.numel())
         bar.update(batch["input_ids"].numel())
@@ -95,7 +102,8 @@ def evaluate_model(model, tokens, signals, batch_size: int, max_sequences: int |
     top5 = totals["top5_order"] / n if holds_exact_top5(signals.manifest.params) else None
     return {"perplexity": math.exp(totals["ce"] / n), "cross_entropy": totals["ce"] / n,
             "kl_teacher": totals["kl"] / n, "top1_agreement": totals["top1"] / n,
-            "top5_order_agreement": top5, "teacher_tail_mass": totals["tail_mass"] / n,
+            "top5_order_agreement": top5, "teacher_top1_tie_share": totals["top1_tied"] / n,
+            "teacher_tail_mass": totals["tail_mass"] / n,
             "positions": totals["n"], "sequences": seen}
 
 
@@ -104,8 +112,11 @@ def committee_weights(cfg: Config, device, max_sequences: int | None) -> dict | 
     """How the trained student of a committee run weighs its members on the held-out loss positions: the mean
     alpha per member over all positions, by the class of the true next token (kdcache.stages.committee.TOKEN_CLASSES)
     and by whether the first member's top-1 is right, next to the share of positions where each member gives
-    the true token the most probability (which member *should* be trusted there). None, with one line saying
-    why, when a learned module has no checkpoint to load."""
+    the true token the most probability (which member *should* be trusted there). Ties are split evenly: members
+    that give the true token the same probability share that position's "best" (members of one cache kind tie
+    often, e.g. equal counts, or the same tail value off every support), and a position whose first member's
+    top-1 is tied among m ids counts 1/m as "right" when the true token is one of them. None, with one line
+    saying why, when a learned module has no checkpoint to load."""
     from transformers import AutoModelForCausalLM
 
     tc = cfg.train
@@ -135,12 +146,11 @@ def committee_weights(cfg: Config, device, max_sequences: int | None) -> dict | 
         hidden = student_hidden(student, batch["input_ids"], positions)                     # (N, H)
         alpha, _ = committee.weights(hidden, targets)                                       # (N, M)
         label_logp = committee_loss.label_logprobs(targets, labels, vocab)                  # (N, M)
-        best = torch.nn.functional.one_hot(label_logp.argmax(-1), n_members)                 # (N, M)
-        top1 = teacher_topk(targets[0], 1)[0][:, 0]                                          # (N,)
-        right = top1 == labels                                                              # (N,)
+        best = best_members(label_logp)                                                     # (N, M)
+        right = top1_right(targets[0], labels)                                              # (N,) in [0, 1]
         label_class = classes[labels]                                                       # (N,)
-        member = torch.stack([torch.ones_like(right), *(label_class == c for c in range(len(TOKEN_CLASSES))),
-                              right, ~right]).double().cpu()                                # (G, N)
+        member = torch.stack([torch.ones_like(right), *((label_class == c).double() for c in range(len(TOKEN_CLASSES))),
+                              right, 1 - right]).cpu()                                      # (G, N) weights
         count += member.sum(1)
         alpha_sum += member @ alpha.double().cpu()
         best_sum += member @ best.double().cpu()
@@ -150,7 +160,7 @@ def committee_weights(cfg: Config, device, max_sequences: int | None) -> dict | 
     for g, name in enumerate(groups):
         n = float(count[g])
         if n > 0:
-            out[name] = {"positions": int(n),
+            out[name] = {"positions": round(n),
                          "alpha": {m: float(alpha_sum[g, i]) / n for i, m in enumerate(tc.committee)},
                          "best_share": {m: float(best_sum[g, i]) / n for i, m in enumerate(tc.committee)}}
     return {"split": "validation", "members": list(tc.committee), "weights": tc.committee_weights, "groups": out}
@@ -175,6 +185,27 @@ def trained_config(cfg: Config) -> Config:
         print(f"evaluate: {cfg.student_dir} is evaluated as it was trained ({cfg.student_dir / 'config.yaml'}): "
               + ", ".join(asked), flush=True)
     return dataclasses.replace(cfg, train=train)
+
+
+def best_members(label_logp: torch.Tensor) -> torch.Tensor:
+    """Which member gives the true token the most probability, ties split evenly: label_logp (N, M) -> (N, M),
+    1/j for each of the j members sharing the row's largest value, 0 for the others (rows sum to 1)."""
+    is_best = label_logp == label_logp.amax(-1, keepdim=True)                              # (N, M)
+    return is_best.double() / is_best.sum(-1, keepdim=True)
+
+
+def top1_right(target, labels: torch.Tensor) -> torch.Tensor:
+    """How far the teacher's top-1 is the true next token, per position: 1/m when the true token is one of the m
+    ids sharing the teacher's top value (1 without a tie), else 0. target SparseTarget (N, K) | logits (N, V),
+    labels (N,) -> (N,) float64."""
+    values = target.logprobs if isinstance(target, SparseTarget) else target                # (N, K) | (N, V)
+    ids = target.ids if isinstance(target, SparseTarget) else None
+    top = values == values.amax(-1, keepdim=True)                                          # (N, K) | (N, V)
+    if ids is None:
+        hit = top.gather(-1, labels[:, None]).squeeze(-1)                                   # (N,)
+    else:
+        hit = (top & (ids == labels[:, None])).any(-1)                                      # (N,)
+    return hit.double() / top.sum(-1).double()
 
 
 def run(cfg: Config) -> dict:
@@ -204,6 +235,7 @@ def run(cfg: Config) -> dict:
                "student": {"path": str(paths["trained"]), "step": record.get("step"), "sha256": record.get("sha256")},
                "cache": {"path": str(cfg.signals_dir), "signal": signals.manifest.params.get("signal", "topk"),
                          "k": signals.manifest.params["k"], "samples": signals.manifest.params.get("samples"),
+                         "draws": signals.manifest.params.get("draws"),
                          "bytes_per_token": signals.nbytes() / _positions(signals)},
                "config": {"student": cfg.train.student, "output": cfg.train.output, "loss": cfg.train.loss,
                           "tail": cfg.train.tail, "max_steps": cfg.train.max_steps, "source": cfg.train.source,
@@ -213,6 +245,7 @@ def run(cfg: Config) -> dict:
     (cfg.eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (cfg.eval_dir / "report.md").write_text(render_report(metrics))
     print(render_table(results), flush=True)
+    print(tie_note(results["trained"].get("teacher_top1_tie_share")), flush=True)
     print(f"evaluate: wrote {cfg.eval_dir / 'metrics.json'} and {cfg.eval_dir / 'report.md'}", flush=True)
     weights = committee_weights(cfg, device, ec.max_sequences) if cfg.train.committee else None
     if weights is not None:
@@ -247,9 +280,22 @@ def render_report(metrics: dict) -> str:
         f"{c['max_steps']} steps. Held-out split: {metrics['split']} "
         f"({s['trained']['positions']} loss positions).", "",
         render_table(s), "",
+        tie_note(s["trained"].get("teacher_top1_tie_share")), "",
         f"The trained student is {verdict}.", "",
         _kl_note(metrics["cache"], s["trained"]["teacher_tail_mass"]), "",
     ])
+
+
+def tie_note(share: float | None) -> str:
+    """How top-1 agreement treats ties, and how often the teacher's top-1 is one (None: measured before ties
+    were counted)."""
+    how = ("Top-1 agreement counts ties fairly: where m ids share the teacher's top value, a student whose argmax "
+           "is one of them gets 1/m.")
+    if share is None:
+        return how
+    return f"{how} The teacher's top-1 is a tie at {share:.1%} of these positions" + (
+        ": the cache often cannot tell the teacher's top-1 apart, so top-1 agreement says little here." if share > 0.5
+        else ".")
 
 
 def _kl_note(cache: dict, tail_mass: float) -> str:

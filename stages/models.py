@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages.hub import check_hub_id
 
 DEFAULT_TEACHER = "default"
 DEFAULT_TEACHER_NAME = "SmolLM2-135M-Instruct"
@@ -68,30 +69,31 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def resolve_model_path(spec: str) -> str:
-    """A teacher/model spec -> something `from_pretrained` loads: a local directory or a hub id."""
+def resolve_model_path(spec: str, what: str = "model") -> str:
+    """A teacher/model spec -> something `from_pretrained` loads: a local directory or a hub id.
+    A spec that is not on this machine must be a hub id the hub can serve (kdcache.stages.hub.check_hub_id), else
+    a one-line error naming `what` (the setting, e.g. "precompute.teacher") at once, with no download retries."""
     if spec == DEFAULT_TEACHER:
         return str(convert_gguf(default_teacher_gguf(), kdcache_home() / "teachers" / DEFAULT_TEACHER_NAME))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise KdcacheError(f"GGUF file {path} does not exist")
+            raise KdcacheError(f"{what} {spec!r}: GGUF file {path} does not exist")
         key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
         return str(convert_gguf(path, kdcache_home() / "teachers" / f"{path.stem}-{key}"))
     if path.exists():
         if not (path / "config.json").exists():
-            raise KdcacheError(f"{path} is not a Hugging Face model directory (no config.json)")
+            raise KdcacheError(f"{what} {spec!r}: {path} is not a Hugging Face model directory (no config.json)")
         return str(path)
-    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") > 1:
-        raise KdcacheError(f"model path {spec} does not exist")
-    return spec  # a hub id, for users who are online
+    check_hub_id(spec, what)
+    return spec  # a hub id the hub has (or, offline, the hub cache holds)
 
 
 def load_causal_lm(spec: str, device: torch.device | str = "cpu", dtype=torch.float32,
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, what: str = "model"):
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, what)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -99,15 +101,16 @@ def load_causal_lm(spec: str, device: torch.device | str = "cpu", dtype=torch.fl
     return model.to(device).eval()
 
 
-def load_teacher(spec: str, device: torch.device | str = "cpu", dtype=torch.float32, trust_remote_code: bool = False):
+def load_teacher(spec: str, device: torch.device | str = "cpu", dtype=torch.float32, trust_remote_code: bool = False,
+                 what: str = "precompute.teacher"):
     """The teacher model. Only precompute (and the online-KD baseline) may call this."""
-    return load_causal_lm(spec, device, dtype, trust_remote_code)
+    return load_causal_lm(spec, device, dtype, trust_remote_code, what)
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False):
+def load_tokenizer(spec: str, trust_remote_code: bool = False, what: str = "tokenizer"):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(spec)
+    path = resolve_model_path(spec, what)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -127,16 +130,16 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def model_tokenizer_fingerprint(spec: str, trust_remote_code: bool = False) -> str:
+def model_tokenizer_fingerprint(spec: str, trust_remote_code: bool = False, what: str = "model") -> str:
     """tokenizer_fingerprint(load_tokenizer(spec)), for a local model folder cached by its files' names, sizes and
     mtimes and the transformers/tokenizers versions (which serialise the tokenizer): loading a tokenizer costs
     ~0.4 s, the largest fixed cost of a precompute run."""
     from importlib.metadata import version
 
     def compute() -> str:
-        return tokenizer_fingerprint(load_tokenizer(spec, trust_remote_code))
+        return tokenizer_fingerprint(load_tokenizer(spec, trust_remote_code, what))
 
-    path = Path(resolve_model_path(spec))
+    path = Path(resolve_model_path(spec, what))
     if not path.is_dir():  # a hub id: nothing local to key a cache on
         return compute()
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
@@ -176,9 +179,9 @@ def _cached(name: str, key: str, compute, field: str) -> str:
     return value
 
 
-def model_fingerprint(spec: str) -> str:
+def model_fingerprint(spec: str, what: str = "precompute.teacher") -> str:
     """Hash of a local model's config and weight files; for a hub id, the id itself (plus revision if given)."""
-    path = Path(resolve_model_path(spec))
+    path = Path(resolve_model_path(spec, what))
     if not path.exists():
         return f"hub:{spec}"
     digest = hashlib.sha256((path / "config.json").read_bytes())
@@ -197,7 +200,8 @@ def layer_indices(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
-def build_student(spec: str, teacher_spec: str, seed: int = 0, trust_remote_code: bool = False):
+def build_student(spec: str, teacher_spec: str, seed: int = 0, trust_remote_code: bool = False,
+                  what: str = "train.student"):
     """A student model.
 
     layerdrop:N  the teacher's architecture with N of its layers (evenly spaced), embeddings and final norm, read
@@ -210,13 +214,13 @@ def build_student(spec: str, teacher_spec: str, seed: int = 0, trust_remote_code
 
     kind, _, arg = spec.partition(":")
     if kind not in ("layerdrop", "random"):
-        return load_causal_lm(spec, "cpu", torch.float32, trust_remote_code)
+        return load_causal_lm(spec, "cpu", torch.float32, trust_remote_code, what)
     try:
         n_layers = int(arg)
         assert n_layers >= 1
     except (ValueError, AssertionError):
         raise KdcacheError(f"invalid student spec {spec!r}: use {kind}:N with N >= 1 layers") from None
-    teacher_path = Path(resolve_model_path(teacher_spec))
+    teacher_path = Path(resolve_model_path(teacher_spec, "precompute.teacher"))
     config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code)
     n_teacher = config.num_hidden_layers
     if n_layers > n_teacher:

@@ -79,8 +79,9 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
     from transformers import AutoConfig
 
     pc = cfg.precompute
-    model_path = resolve_model_path(model)
-    model_tok = model_tokenizer_fingerprint(model, pc.trust_remote_code)
+    what = "precompute.teacher" if model == pc.teacher else f"the model of source {source!r}"  # names it in errors
+    model_path = resolve_model_path(model, what)
+    model_tok = model_tokenizer_fingerprint(model, pc.trust_remote_code, what)
     if model_tok != tokens.manifest.fingerprints["tokenizer"]:
         raise KdcacheError(f"{source} {model!r} tokenizer {model_tok} differs from the token store's "
                            f"{tokens.manifest.fingerprints['tokenizer']}: every source must share the tokenizer "
@@ -102,7 +103,7 @@ def signal_manifest(cfg: Config, tokens: Store, source: str, model: str) -> Mani
         params["draws"] = pc.draws
     return Manifest(
         kind="signals", backend=pc.backend,
-        fingerprints={"teacher": model_fingerprint(model), "tokenizer": model_tok,
+        fingerprints={"teacher": model_fingerprint(model, what), "tokenizer": model_tok,
                       "token_store": tokens.manifest.fingerprint()},
         params=params, layout=tokens.manifest.layout,
     )

@@ -19,7 +19,8 @@ import numpy as np
 
 from kdcache.pipeline.config import RECORD_NAME, Config, PrepareConfig, record_config
 from kdcache.pipeline.errors import KdcacheError
-from kdcache.stages.models import load_tokenizer, tokenizer_fingerprint
+from kdcache.stages.hub import check_hub_id, hub_offline, not_local
+from kdcache.stages.models import load_tokenizer, resolve_model_path, tokenizer_fingerprint
 from kdcache.stages.progress import progress, track
 from kdcache.storage import Manifest, Store, make_layout
 from kdcache.storage.codecs import id_dtype
@@ -56,9 +57,14 @@ def load_records(cfg: PrepareConfig) -> list[dict]:
             detail = _bad_json_line(path) if suffix == ".jsonl" else None
             raise KdcacheError(f"cannot read {path}: {detail or _first_line(e)}") from e
     else:
+        check_hub_id(cfg.dataset, "prepare.dataset", repo_type="dataset")  # at once, before the library's retries
         try:
             ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split)
         except Exception as e:
+            if hub_offline():
+                raise KdcacheError(f"{not_local('prepare.dataset', cfg.dataset)}, and the hub is offline "
+                                   f"(HF_HUB_OFFLINE=1) with no usable cached copy of it ({_first_line(e)}): unset "
+                                   "HF_HUB_OFFLINE to download it, or pass a local file") from e
             raise KdcacheError(f"cannot load dataset {cfg.dataset!r} (not a local file; hub lookup failed: "
                                f"{_first_line(e)})") from e
     return [dict(r) for r in ds]
@@ -232,10 +238,13 @@ def dataset_fingerprint(records: list[dict]) -> str:
 
 def run(cfg: Config, overwrite: bool = False) -> Store:
     pc = cfg.prepare
-    tokenizer_spec = cfg.precompute.teacher if pc.tokenizer == "teacher" else pc.tokenizer
+    tokenizer_spec, tokenizer_what = ((cfg.precompute.teacher, "precompute.teacher") if pc.tokenizer == "teacher"
+                                      else (pc.tokenizer, "prepare.tokenizer"))
+    if tokenizer_spec != "default":  # a misspelled model fails before the data is read (the default converts later)
+        resolve_model_path(tokenizer_spec, tokenizer_what)
     records = load_records(pc)
     fmt = detect_format(records, pc)
-    tokenizer = load_tokenizer(tokenizer_spec, cfg.precompute.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_spec, cfg.precompute.trust_remote_code, tokenizer_what)
     if len(records) < 2:
         raise KdcacheError(f"dataset {pc.dataset!r} has {len(records)} record(s): at least 2 are needed "
                            "for a train/validation split")

@@ -80,11 +80,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.rstrip().endswith("}")]
 
 
+# the command that writes each JSON file the report reads, for the advice of its error
+WRITERS = {"metrics.json": "`kdcache evaluate`", "committee_weights.json": "`kdcache evaluate`",
+           "ta_plan.json": "`kdcache assistants`", "state.json": "`kdcache train`", "cache.json": "`make bench-cache`"}
+
+
 def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise KdcacheError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): rerun the stage that wrote it, "
+        writer = WRITERS.get(path.name, "the stage")
+        raise KdcacheError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): rerun {writer}, which wrote it, "
                            "or move it out of the folder") from None
 
 
@@ -209,6 +215,12 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
+def trailing_window(n_steps: int) -> int:
+    """Steps in the trailing mean of a training curve: ~5% of the run, and at least 2, so the mean is a second
+    line beside the per-step one even for a short run (with 1 the two lines would be the same)."""
+    return max(2, n_steps // 20)
+
+
 def _step_axis(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -228,10 +240,10 @@ def plot_training_curves(logs: dict[str, StudentLog], out: Path) -> None:
         ax = axes[objectives.index(log.objective), 0]
         steps = np.array([r["step"] for r in log.rows])
         loss = np.array([r["loss"] for r in log.rows], dtype=float)
-        window = max(1, len(log.rows) // 20)
+        window = trailing_window(len(loss))
         colour = colours[i % len(colours)]
-        ax.plot(steps, _smooth(loss, window), label=label, linewidth=1.6, color=colour)
-        ax.plot(steps, loss, color=colour, alpha=0.2, linewidth=0.8)
+        ax.plot(steps, loss, color=colour, alpha=0.35, linewidth=0.9)
+        ax.plot(steps, _smooth(loss, window), label=f"{label} (mean of {window} steps)", linewidth=1.8, color=colour)
     for ax, objective in zip(axes[:, 0], objectives):
         ax.set_title(f"train.loss = {objective}", fontsize=10)
         ax.set_ylabel("training loss per token")
@@ -365,12 +377,13 @@ def plot_fidelity(points: list[dict], out: Path) -> None:
         _label_points(ax, [(p["bytes_per_token"], 100 * p[key] if key == "kl_vs_dense" else p[key]) for p in shown],
                       [p["label"] for p in shown])
     axes[-1].set_xlabel("bytes per token on disk (log scale)")
+    plotted = [p for p in points if any(p.get(key) is not None for key, _, _ in panels)]  # the legend's entries
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, markeredgecolor="black", label=kind)
-               for kind, c in KIND_COLOURS.items() if any(p["kind"] == kind for p in points)]
-    if any(p["origin"] == "store" for p in points):
+               for kind, c in KIND_COLOURS.items() if any(p["kind"] == kind for p in plotted)]
+    if any(p["origin"] == "store" for p in plotted):
         handles.append(plt.Line2D([], [], marker="*", markersize=11, linestyle="", color="lightgrey",
                                   markeredgecolor="black", label="a store in this folder"))
-    if any(p["origin"] == "bench" for p in points):
+    if any(p["origin"] == "bench" for p in plotted):
         handles.append(plt.Line2D([], [], marker="o", linestyle="", color="lightgrey", markeredgecolor="black",
                                   label="a kind of make bench-cache"))
     _legend(fig, handles, [h.get_label() for h in handles])
@@ -436,7 +449,8 @@ def metrics_section(root: Path) -> Section | None:
     files = find(root, "**/eval/metrics.json")
     if not files:
         return None
-    rows = [["run", "student", "KL(teacher‖student)", "top-1 agreement", "top-5 order agreement", "perplexity"]]
+    rows = [["run", "student", "measured against (cache)", "KL(teacher‖student)", "top-1 agreement",
+             "teacher top-1 tied", "top-5 order agreement", "perplexity"]]
     stale_any = False
     for path in files:
         metrics = read_json(path)
@@ -444,13 +458,18 @@ def metrics_section(root: Path) -> Section | None:
         # RUN/eval belongs to the default student, RUN/<train.output>/eval to another one
         student_dir = above if above.name == output else above / output
         run = student_label(student_dir, root)
+        cache = cache_label(metrics.get("cache", {}))
         stale = _stale_evaluation(metrics, student_dir / "final")
         stale_any |= stale
         for name, m in metrics["students"].items():
             label = f"{name} (stale)" if stale and name == "trained" else name
-            rows.append([run, label, f"{m['kl_teacher']:.4f}", f"{m['top1_agreement']:.2%}",
-                         percent(m.get("top5_order_agreement")), f"{m['perplexity']:.2f}"])
-    text = "Validation split; KL against the cached teacher signal."
+            rows.append([run, label, cache, f"{m['kl_teacher']:.4f}", f"{m['top1_agreement']:.2%}",
+                         percent(m.get("teacher_top1_tie_share")), percent(m.get("top5_order_agreement")),
+                         f"{m['perplexity']:.2f}"])
+    text = ("Validation split. KL and agreement are measured against the cached teacher signal named in the cache "
+            "column, so they compare between rows of the same cache only: a sampled cache's KL is against its "
+            "estimate, a top-k's against its support plus one tail bucket. A teacher top-1 tied among m ids credits "
+            "1/m (n/a: measured before ties were counted).")
     if stale_any:
         text += (" A student marked (stale) was trained further or replaced after it was evaluated: its row "
                  "measures the earlier student; rerun `kdcache evaluate` for the current one.")
@@ -466,6 +485,17 @@ def _stale_evaluation(metrics: dict, final: Path) -> bool:
         return False
     record = final / "training.json"
     return not record.exists() or read_json(record).get("sha256") != measured
+
+
+def cache_label(cache: dict) -> str:
+    """The cache an evaluation measured against, by kind and parameters: `topk k=16`, `sample N=40 systematic`,
+    `hybrid k=16 + N=40 iid`; `?` for a metrics.json that does not say."""
+    signal = cache.get("signal")
+    if signal is None:
+        return "?"
+    draws = f"N={cache.get('samples')}" + (f" {cache['draws']}" if cache.get("draws") else "")
+    return {"topk": f"topk k={cache.get('k')}", "sample": f"sample {draws}",
+            "hybrid": f"hybrid k={cache.get('k')} + {draws}"}.get(signal, signal)
 
 
 def training_sections(logs: dict[str, StudentLog], out_dir: Path) -> list[Section]:
@@ -538,6 +568,12 @@ def fidelity_section(stores: dict[str, StoreSummary], bench: list[dict], out_dir
             "gradient and full KD's and the held-out KL of a student trained on each, relative to one trained on "
             "the full logits. Held-out KLs of this folder's runs are not plotted: each is measured against its own "
             "cache, so they do not compare across caches.")
+    unplotted = [p["label"] for p in points if p["mass"] is None and p.get("angle") is None
+                 and p.get("kl_vs_dense") is None]
+    if unplotted:  # a sampled store of this folder: no exact top-k, and no gradient angle measured for it
+        text += (f" Not plotted, having none of these measures (a sampled store holds no exact top-k; the angle and "
+                 f"student KL come from `make bench-cache` only): {', '.join(unplotted)}; their bytes per token are "
+                 "in the table.")
     return Section("Bytes per token vs fidelity", text, table=table, image="cache_fidelity.png")
 
 

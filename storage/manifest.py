@@ -134,14 +134,33 @@ class Manifest:
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
+def writer(store_dir: Path, manifest: Manifest | None = None) -> str:
+    """The command that writes the store at store_dir, for the advice of an error ("run X" / "rerun X"): named
+    where the store sits in a run folder (RUN/tokens: prepare; RUN/signals/<source>: precompute) and its
+    manifest (when there is one) agrees; else the commands of both kinds."""
+    path = Path(store_dir)
+    in_run = "tokens" if path.name == "tokens" else "signals" if path.parent.name == "signals" else None
+    if in_run is not None and manifest is not None and manifest.kind != in_run:
+        in_run = None  # a store of the other kind moved there: say nothing specific
+    if in_run == "tokens":
+        return "`kdcache prepare`, the stage that writes it"
+    if in_run == "signals":
+        source = path.name
+        if source == "teacher":
+            return "`kdcache precompute`, the stage that writes it"
+        return f"`kdcache precompute --source {source}` (or precompute.members), the stage that writes it"
+    return ("the command that wrote it (`kdcache prepare` for a token store, `kdcache precompute` for a signal "
+            "store, `kdcache convert` for a converted copy)")
+
+
 def read_manifest(store_dir: Path) -> Manifest:
     path = Path(store_dir) / MANIFEST_NAME
     if not path.exists():
-        raise StoreError(f"no store at {store_dir}: {MANIFEST_NAME} is missing (run the stage that writes it)")
+        raise StoreError(f"no store at {store_dir}: {MANIFEST_NAME} is missing (run {writer(store_dir)})")
     try:
         return Manifest.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError, AttributeError) as e:
-        raise StoreError(f"{path} is not a valid manifest ({e}): delete the store and rerun the stage")
+        raise StoreError(f"{path} is not a valid manifest ({e}): delete the store and rerun {writer(store_dir)}")
 
 
 def write_manifest(store_dir: Path, manifest: Manifest) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from kdcache.storage import _arrow, _zarr
 from kdcache.storage.errors import StoreError
 from kdcache.storage.lock import LOCK_NAME, acquire_writer_lock
-from kdcache.storage.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest, write_manifest
+from kdcache.storage.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest, write_manifest, writer
 
 BACKENDS = {"zarr": _zarr, "arrow": _arrow}
 COMMIT_NAME = "_commit.json"
@@ -118,12 +118,13 @@ def content_hash(arrays: dict[str, np.ndarray]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _read_commit(commit: Path) -> dict:
+def _read_commit(commit: Path, rerun: str) -> dict:
+    """A shard's commit record; `rerun` names the command that writes its store (manifest.writer)."""
     try:
         return json.loads(commit.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"commit record {commit} is corrupted ({e}): delete its shard folder and rerun "
-                         "the stage that writes it") from None
+                         f"{rerun}") from None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -145,6 +146,10 @@ class Store:
         # store, and again whenever a file of it changes (see read_files)
         self._verified: dict[str, tuple[tuple, str]] = {}
         self.last_read = None  # (shard name, files signature, decoded arrays): kdcache.storage.read_sequence's last shard
+
+    def writer(self) -> str:
+        """The command that writes this store, for errors' advice (manifest.writer)."""
+        return writer(self.path, self.manifest)
 
     def close(self) -> None:
         """Give up the writer lock (a no-op for stores opened for reading)."""
@@ -203,7 +208,7 @@ class Store:
         if require_complete and not manifest.complete:
             missing = len(manifest.layout) - len(manifest.shards)
             raise StoreError(f"store {path} is incomplete ({missing} of {len(manifest.layout)} shards missing): "
-                             "rerun the stage that writes it to finish it")
+                             f"to finish it, rerun {writer(path, manifest)}")
         store = Store(path, manifest)
         store.check_commit_records()
         store.check(expect or {})
@@ -217,13 +222,13 @@ class Store:
             commit = self.shard_dir(rec.name) / COMMIT_NAME
             if not commit.exists():
                 raise StoreError(f"shard {commit.parent} is listed in {self.path / MANIFEST_NAME} but missing: "
-                                 "rerun the stage that writes the store to restore it")
-            recorded = _read_commit(commit).get("store")
+                                 f"to restore it, rerun {self.writer()}")
+            recorded = _read_commit(commit, self.writer()).get("store")
             differ = [k for k in identity if recorded is not None and recorded.get(k) != identity[k]]
             if differ:
                 raise StoreError(f"{self.path / MANIFEST_NAME} does not match the commit record of shard {rec.name} "
                                  f"(its {', '.join(differ)} differ): the manifest was edited or comes from another "
-                                 "store; delete the store and rerun the stage that writes it")
+                                 f"store; delete the store and rerun {self.writer()}")
 
     def check(self, expect: dict) -> None:
         """expect maps a fingerprint or param name to its expected value."""
@@ -251,7 +256,7 @@ class Store:
         for rec in self.manifest.layout if names is None else [r for r in self.manifest.layout if r.name in names]:
             commit = self.shard_dir(rec.name) / COMMIT_NAME
             if commit.exists():
-                info = _read_commit(commit)
+                info = _read_commit(commit, self.writer())
                 if info.get("store", identity) != identity:
                     raise StoreError(f"shard {commit.parent} was written for another store (its commit record does "
                                      f"not match {self.path / MANIFEST_NAME}): delete that shard folder and rerun")
@@ -305,18 +310,18 @@ class Store:
         record = self.manifest.shard(name)
         if record is None or not shard.exists():
             raise StoreError(f"shard {shard} is missing or not committed: run `kdcache verify {self.path}` "
-                             "and rerun the stage that writes it")
+                             f"and rerun {self.writer()}")
         try:
             signature, files = read_files(shard)
         except OSError as e:  # e.g. a file removed while the shard is read
             raise StoreError(f"shard {shard} cannot be read ({type(e).__name__}: {e}): run `kdcache verify "
-                             f"{self.path}`, delete the shard and rerun the stage that writes it") from e
+                             f"{self.path}`, delete the shard and rerun {self.writer()}") from e
         if verify and self._verified.get(name) != (signature, record.checksum):
             checksum, _ = _checksum(files)
             if checksum != record.checksum:
                 raise StoreError(f"shard {shard} is corrupted ({_damaged_file(shard, files)}checksum "
                                  f"{checksum[:19]} != manifest {record.checksum[:19]}): run `kdcache verify "
-                                 f"{self.path}`, delete the shard and rerun the stage that writes it")
+                                 f"{self.path}`, delete the shard and rerun {self.writer()}")
             self._verified[name] = (signature, record.checksum)
         try:
             return self.backend.decode(files, names)

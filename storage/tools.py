@@ -152,11 +152,11 @@ def _shard_problems(store: Store, rec, committed_record) -> list[str]:
     shard_dir = store.shard_dir(rec.name)
     where = f"{shard_dir}"
     if not shard_dir.exists():
-        state = "the manifest lists it as committed" if committed_record else "never written: rerun the stage"
+        state = "the manifest lists it as committed" if committed_record else f"never written: rerun {store.writer()}"
         return [f"{where}: shard missing ({state})"]
     commit = shard_dir / COMMIT_NAME
     if not commit.exists():
-        return [f"{commit}: missing, the shard is not committed (delete {shard_dir} and rerun the stage)"]
+        return [f"{commit}: missing, the shard is not committed (delete {shard_dir} and rerun {store.writer()})"]
     try:
         info = json.loads(commit.read_text())
         recorded_sum, recorded_files = info["checksum"], info.get("files")
@@ -164,7 +164,7 @@ def _shard_problems(store: Store, rec, committed_record) -> list[str]:
         return [f"{commit}: not a valid commit record ({e})"]
     out = []
     if committed_record is None:
-        out.append(f"{where}: committed on disk but not listed in {MANIFEST_NAME} (rerun the stage to refresh it)")
+        out.append(f"{where}: committed on disk but not listed in {MANIFEST_NAME} (to refresh it, rerun {store.writer()})")
     elif committed_record.checksum != recorded_sum:
         out.append(f"{store.path / MANIFEST_NAME}: shard {rec.name} checksum {committed_record.checksum[:19]} differs "
                    f"from its commit record {recorded_sum[:19]}")

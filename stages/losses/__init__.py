@@ -72,7 +72,7 @@ class ObjectiveSpec:
 
 
 # columns of the per-chunk sums vector
-_LOSS, _KD, _CE, _RANK, _TOP1, _TOP5 = range(6)
+_LOSS, _KD, _CE, _RANK, _TOP1, _TOP5, _TIED = range(7)
 
 
 def kd_rows(student_logits: torch.Tensor, target: Target, spec: ObjectiveSpec, taid_t: float | None,
@@ -99,14 +99,14 @@ def kd_rows(student_logits: torch.Tensor, target: Target, spec: ObjectiveSpec, t
 
 def _objective_sums(student_out: torch.Tensor, target: Target | None, labels: torch.Tensor, mask: torch.Tensor,
                     *, spec: ObjectiveSpec, taid_t: float | None, lm_head: Callable | None = None) -> torch.Tensor:
-    """One chunk's [loss, kd, ce, rank, top1 agree, top5 order agree] sums (6,). student_out is the chunk's
-    logits, or its hidden states when lm_head projects them here. Masked rows are dropped first (exactly zero
-    contribution)."""
+    """One chunk's [loss, kd, ce, rank, top1 agree, top5 order agree, teacher top-1 tied] sums (7,). student_out is
+    the chunk's logits, or its hidden states when lm_head projects them here. Masked rows are dropped first
+    (exactly zero contribution)."""
     student_logits = student_out if lm_head is None else lm_head(student_out)  # (n, V)
     if target is not None:
-        agree = torch.stack(agreement_counts(student_logits, target, mask))     # (2,)
+        agree = torch.stack([c.double() for c in agreement_counts(student_logits, target, mask)])  # (3,)
     else:
-        agree = torch.zeros(2, device=student_logits.device)                    # (2,)
+        agree = torch.zeros(3, device=student_logits.device)                    # (3,)
     if not bool(mask.all()):
         student_logits, labels = student_logits[mask], labels[mask]
         target = target[mask] if target is not None else None
@@ -138,14 +138,40 @@ def keeps_vocab_sized_activations(spec: ObjectiveSpec, target: Target | None, ma
 
 @torch.no_grad()
 def agreement_counts(student_logits: torch.Tensor, target: Target, mask: torch.Tensor,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts over masked positions of (student argmax == teacher top-1, student top-5 ids == teacher top-5 ids
-    in the same order). student_logits (N, V), target SparseTarget (N, K) | logits (N, V), mask (N,) -> 2 scalars.
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tie-aware agreement sums over masked positions: (top-1 agreement, top-5 order agreement, teacher top-1
+    tied). student_logits (N, V), target SparseTarget (N, K) | logits (N, V), mask (N,) -> 3 scalars.
+
+    The teacher's ranking is read from its values, and equal values are a tie, whatever order they are stored in
+    (a sampled cache stores equal counts by id, so "the first stored" would favour small ids). Each position
+    counts the chance that a uniformly random tie-break of the teacher agrees with the student: top-1 credits
+    1/m when the student's argmax is one of the m ids sharing the teacher's top value; top-5 order credits
+    prod_i 1/(n_i - r_i) when the student's top-5 ids carry the teacher's 5 largest values in order, with n_i
+    the size of rank i's tie group and r_i the ranks of that group before i (1 without ties, as before).
+    Ties are counted among the ids the target holds: a top-k whose k values are all equal may tie with ids
+    outside it, so there 1/m is an upper bound. The student's own order is torch.topk's (float logits
+    practically never tie). The third sum counts positions whose teacher top-1 is a tie (m > 1).
     With K < 5 the order check uses the top-K."""
-    t_ids, _ = teacher_topk(target, 5)                                         # (N, m)
-    s_ids = torch.topk(student_logits.detach(), t_ids.shape[-1], dim=-1).indices  # (N, m)
-    same = s_ids == t_ids                                                      # (N, m)
-    return (same[:, 0] & mask).sum(), (same.all(-1) & mask).sum()
+    logits = student_logits.detach()                                           # (N, V)
+    values = target.logprobs.detach() if isinstance(target, SparseTarget) else target.detach()  # (N, K) | (N, V)
+    n = min(5, values.shape[-1])
+    ranked = torch.topk(values, n, dim=-1).values                              # (N, n) teacher's n largest values
+    s_ids = torch.topk(logits, n, dim=-1).indices                              # (N, n) student's top-n ids
+    if isinstance(target, SparseTarget):  # the teacher's value of each of the student's ids; -inf off the support
+        hit = target.ids[:, None, :] == s_ids[:, :, None]                      # (N, n, K)
+        s_values = torch.where(hit, values[:, None, :], -torch.inf).amax(-1)   # (N, n)
+    else:
+        s_values = values.gather(-1, s_ids)                                    # (N, n)
+    # size of each rank's tie group (a column at a time: a dense target would make (N, n, V) at once)
+    group = torch.stack([(values == ranked[:, i:i + 1]).sum(-1) for i in range(n)], dim=-1)  # (N, n)
+    same = ranked[:, None, :] == ranked[:, :, None]                            # (N, n, n) [.., i, j]: rank j ties i
+    before = torch.tril(same, diagonal=-1).sum(-1)                             # (N, n) tied ranks before rank i
+    chance = 1.0 / (group - before).clamp(min=1).double()                      # (N, n)
+    in_order = (s_values == ranked) & torch.isfinite(ranked)                   # (N, n)
+    top1 = in_order[:, 0] * chance[:, 0]                                       # (N,)
+    top5 = in_order.all(-1) * chance.prod(-1)                                  # (N,)
+    tied = group[:, 0] > 1                                                     # (N,)
+    return (top1 * mask).sum(), (top5 * mask).sum(), (tied & mask).sum()
 
 
 def compute_objective(student_out: torch.Tensor, target: Target | None, labels: torch.Tensor,
@@ -159,8 +185,9 @@ def compute_objective(student_out: torch.Tensor, target: Target | None, labels: 
     target SparseTarget (N, K) | teacher logits (N, V) (may be None for name "ce"); labels (N,) int64 true next
     token; mask (N,) bool positions that count; taid_t the TAID interpolation weight (required for "taid").
     Returns scalars: "loss_sum" (with grad), "n_tokens", and detached "kd_sum" (the distillation part, absent
-    for "ce"; TAID's J), "ce_sum", "rank_sum" (rlkd only), "top1_agree", "top5_order_agree" (when a target is
-    given). The caller divides loss_sum by the global token count once.
+    for "ce"; TAID's J), "ce_sum", "rank_sum" (rlkd only), "top1_agree", "top5_order_agree" (tie-aware, see
+    agreement_counts) and "top1_tied" (positions whose teacher top-1 is a tie) when a target is given. The
+    caller divides loss_sum by the global token count once.
     """
     if spec.base == "taid" and taid_t is None:
         raise ValueError("loss 'taid' needs taid_t (from kdcache.stages.schedules.TAIDSchedule)")
@@ -170,7 +197,7 @@ def compute_objective(student_out: torch.Tensor, target: Target | None, labels: 
     checkpoint_chunks = lm_head is not None or keeps_vocab_sized_activations(spec, target, mask)
     sums = chunked_sum(partial(_objective_sums, spec=spec, taid_t=taid_t, lm_head=lm_head), student_out.shape[0],
                        spec.chunk_size, student_out, target, labels, mask,
-                       checkpoint_chunks=checkpoint_chunks)                      # (6,)
+                       checkpoint_chunks=checkpoint_chunks)                      # (7,)
     out = {"loss_sum": sums[_LOSS], "n_tokens": mask.sum()}
     parts = sums.detach()
     if spec.name != "ce":
@@ -179,5 +206,5 @@ def compute_objective(student_out: torch.Tensor, target: Target | None, labels: 
     if spec.uses_rank:
         out["rank_sum"] = parts[_RANK]
     if target is not None:
-        out["top1_agree"], out["top5_order_agree"] = parts[_TOP1], parts[_TOP5]
+        out["top1_agree"], out["top5_order_agree"], out["top1_tied"] = parts[_TOP1], parts[_TOP5], parts[_TIED]
     return out

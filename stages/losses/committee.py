@@ -30,16 +30,16 @@ from kdcache.stages.losses.chunking import chunked_sum
 from kdcache.stages.losses.divergences import ce_rows
 from kdcache.stages.losses.targets import SparseTarget, Target, tail_logmass
 
-_LOSS, _KD, _CE, _RANK, _TOP1, _TOP5 = range(6)
+_LOSS, _KD, _CE, _RANK, _TOP1, _TOP5, _TIED = range(7)
 
 
 def _committee_sums(student_out: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                     *targets: Target, spec: ObjectiveSpec, taid_t: float | None,
                     lm_head: Callable | None = None) -> torch.Tensor:
-    """One chunk's [loss, kd, ce, rank, top1 agree, top5 order agree] sums (6,), like `_objective_sums`, with the
-    KD part mixed over members and the agreement counted against the first member."""
+    """One chunk's [loss, kd, ce, rank, top1 agree, top5 order agree, teacher top-1 tied] sums (7,), like
+    `_objective_sums`, with the KD part mixed over members and the agreement counted against the first member."""
     student_logits = student_out if lm_head is None else lm_head(student_out)  # (n, V)
-    agree = torch.stack(agreement_counts(student_logits, targets[0], mask))     # (2,)
+    agree = torch.stack([c.double() for c in agreement_counts(student_logits, targets[0], mask)])  # (3,)
     if not bool(mask.all()):
         student_logits, weights, labels = student_logits[mask], weights[mask], labels[mask]
         targets = tuple(t[mask] for t in targets)
@@ -70,7 +70,7 @@ def committee_objective(student_out: torch.Tensor, targets: list[Target], weight
     targets, each SparseTarget (N, K_m) | logits (N, V); weights (N, M) rows summing to 1 (detached inside);
     labels (N,); mask (N,) bool. Returns the keys of `compute_objective`: "loss_sum" (with grad), "n_tokens",
     detached "kd_sum" (the mixed distillation value; TAID's J), "ce_sum", "rank_sum" (rlkd), and "top1_agree" /
-    "top5_order_agree" against the first member (the foundation teacher).
+    "top5_order_agree" / "top1_tied" against the first member (the foundation teacher).
     With one member and weights 1 it equals compute_objective on that member (values and gradients).
     """
     if spec.name == "ce":
@@ -84,10 +84,10 @@ def committee_objective(student_out: torch.Tensor, targets: list[Target], weight
     checkpoint = lm_head is not None or any(keeps_vocab_sized_activations(spec, t, mask) for t in targets)
     sums = chunked_sum(partial(_committee_sums, spec=spec, taid_t=taid_t, lm_head=lm_head), student_out.shape[0],
                        spec.chunk_size, student_out, weights, labels, mask, *targets,
-                       checkpoint_chunks=checkpoint)                           # (6,)
+                       checkpoint_chunks=checkpoint)                           # (7,)
     parts = sums.detach()
     out = {"loss_sum": sums[_LOSS], "n_tokens": mask.sum(), "kd_sum": parts[_KD], "ce_sum": parts[_CE],
-           "top1_agree": parts[_TOP1], "top5_order_agree": parts[_TOP5]}
+           "top1_agree": parts[_TOP1], "top5_order_agree": parts[_TOP5], "top1_tied": parts[_TIED]}
     if spec.uses_rank:
         out["rank_sum"] = parts[_RANK]
     return out

@@ -55,6 +55,7 @@ def test_sampled_kind_end_to_end_is_reproducible(tmp_path, tiny_teacher, kind):
     for student in metrics["students"].values():
         assert all(np.isfinite(student[m]) for m in ("kl_teacher", "perplexity", "top1_agreement"))
         assert student["top5_order_agreement"] is None  # no exact top-5 here (sample; hybrid with k = 4)
+        assert 0 <= student["teacher_top1_tie_share"] <= 1  # equal counts: how often the cache's top-1 is a tie
     assert metrics["students"]["trained"]["kl_teacher"] < metrics["students"]["untrained"]["kl_teacher"]
 
     # the report shows what applies to the kind: coverage of the exact top-k (hybrid), the draws' support (sample)

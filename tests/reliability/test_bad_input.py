@@ -72,8 +72,12 @@ CASES = [
                  "run", id="k > vocab"),
     pytest.param("precompute", {"precompute.k": 0}, "precompute.k must be >= 1", "run", id="k <= 0"),
     _samples_case(),
-    pytest.param("precompute", {"precompute.teacher": "/no/such/teacher"}, "model path /no/such/teacher does not exist",
+    pytest.param("precompute", {"precompute.teacher": "/no/such/teacher"},
+                 "precompute.teacher '/no/such/teacher' is not a local path (no such file or folder) and not a hub id",
                  "run", id="teacher path missing"),
+    pytest.param("precompute", {"precompute.teacher": "tiny-teacer"},
+                 "precompute.teacher 'tiny-teacer' is not a local path (no such file or folder) and not a hub id",
+                 "run", id="teacher name misspelled"),
     pytest.param("train", ["--loss", "nonsense"], "unknown loss 'nonsense'", "run", id="unknown loss name"),
     pytest.param("train", ["-c", "{d}/bad.yaml"], "bad.yaml is not valid YAML at line", "run", id="invalid YAML"),
     pytest.param("train", ["-c", "{d}/list.yaml"], "list.yaml must be a mapping of sections", "run", id="YAML not a mapping"),
@@ -87,8 +91,10 @@ CASES = [
     pytest.param("train", {"train.student": "layerdrop:x"}, "invalid student spec 'layerdrop:x'", "run",
                  id="bad student spec"),
     pytest.param("train", {"train.source": "../x"}, "'../x' is not a valid source name", "run", id="unsafe source name"),
-    pytest.param("train", {}, "no store at {d}/tokens-only/signals/teacher", "tokens-only", id="train before precompute"),
-    pytest.param("evaluate", {}, "no store at {d}/nothing/tokens", "nothing", id="evaluate an empty run"),
+    pytest.param("train", {}, "no store at {d}/tokens-only/signals/teacher: manifest.json is missing (run `kdcache "
+                 "precompute`", "tokens-only", id="train before precompute"),
+    pytest.param("evaluate", {}, "no store at {d}/nothing/tokens: manifest.json is missing (run `kdcache prepare`",
+                 "nothing", id="evaluate an empty run"),
     pytest.param("inspect", ["{d}"], "no store at {d}", None, id="inspect a folder that is no store"),
 ]
 

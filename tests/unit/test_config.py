@@ -17,7 +17,7 @@ def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run_dir: runs/x\ntrain:\n  lr: 1e-4\n  max_steps: 7\nprecompute:\n  k: 32\n")
     cfg = load_config(path, ["train.max_steps=9", "prepare.max_train_sequences=null"])
-    assert (cfg.run_dir, cfg.train.lr, cfg.train.max_steps, cfg.precompute.k) == ("runs/x", 1e-4, 9, 32)
+    assert (cfg.run_dir, cfg.train.lr, cfg.train.max_steps, cfg.precompute.k) == (str(tmp_path / "runs/x"), 1e-4, 9, 32)
     assert cfg.prepare.max_train_sequences is None
 
 
@@ -114,3 +114,50 @@ def test_cli_no_adaptive_sets_linear_taid(tmp_path, monkeypatch, capsys):
 def test_each_student_output_gets_its_own_eval_folder():
     assert load_config(None, ["run_dir=r"]).eval_dir == Path("r") / "eval"
     assert load_config(None, ["run_dir=r", "train.output=comp"]).eval_dir == Path("r") / "comp" / "eval"
+
+
+def test_paths_in_a_yaml_are_relative_to_its_folder(tmp_path, monkeypatch):
+    project, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "chat.jsonl").write_text("{}\n")
+    for name in ("teacher", "student", "tok", "ta"):
+        (project / "models" / name).mkdir(parents=True)
+    elsewhere.mkdir()
+    (project / "my.yaml").write_text(
+        "run_dir: runs/mine\n"
+        "prepare: {dataset: data/chat.jsonl, tokenizer: models/tok}\n"
+        "precompute: {teacher: models/teacher, members: [ta=models/ta, big=org/big-model]}\n"
+        "train: {student: models/student}\n")
+    monkeypatch.chdir(elsewhere)                     # run from another folder
+    cfg = load_config(project / "my.yaml")
+    assert cfg.run_dir == str(project / "runs/mine")  # always: a run folder is made where the config says
+    assert cfg.prepare.dataset == str(project / "data/chat.jsonl") and cfg.prepare.tokenizer == str(project / "models/tok")
+    assert cfg.precompute.teacher == str(project / "models/teacher") and cfg.train.student == str(project / "models/student")
+    assert cfg.precompute.members == [f"ta={project / 'models/ta'}", "big=org/big-model"]  # a hub id stays one
+    # -s overrides and --run-dir stay relative to the current folder
+    cfg = load_config(project / "my.yaml", ["run_dir=here", "precompute.teacher=models/other"])
+    assert (cfg.run_dir, cfg.precompute.teacher) == ("here", "models/other")
+
+
+def test_yaml_values_that_are_not_paths_next_to_it_stay_as_written(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "teacher-here").mkdir()               # relative to the current folder, not to the YAML
+    (tmp_path / "conf" / "c.yaml").write_text(
+        "prepare: {dataset: default, tokenizer: teacher}\n"
+        "precompute: {teacher: teacher-here}\n"
+        "train: {student: layerdrop:4}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("conf/c.yaml")
+    assert (cfg.prepare.dataset, cfg.prepare.tokenizer, cfg.train.student) == ("default", "teacher", "layerdrop:4")
+    assert cfg.precompute.teacher == "teacher-here"   # missing next to the YAML: read from the current folder
+    assert cfg.run_dir == "runs/default"              # not in the YAML: the default, relative to the current folder
+
+
+def test_a_runs_recorded_config_reads_back_its_own_run_folder(tmp_path, monkeypatch):
+    from kdcache.pipeline.config import save_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run_dir=runs/x", "train.max_steps=7"])
+    save_config(cfg, Path(cfg.run_dir) / "config.yaml")  # as every stage records it: run_dir relative to here
+    again = load_config("runs/x/config.yaml")
+    assert again.run_dir == "runs/x" and again.train.max_steps == 7

@@ -20,3 +20,14 @@ def test_every_command_is_documented_and_no_hidden_one():
     for name, command in cli.commands.items():
         assert (f"#### `kdcache {name}`" in section) != command.hidden, name
         assert (f"\n  {name} " in section.split("#### `kdcache ")[0]) != command.hidden, name  # `kdcache --help`
+
+
+def test_the_internal_stamps_command_is_hidden_from_help_and_reference():
+    from click.testing import CliRunner
+
+    from kdcache.pipeline.cli import cli
+
+    shown = CliRunner().invoke(cli, ["--help"]).output
+    assert "stamps" not in shown and "report" in shown
+    assert "kdcache stamps" not in cli_reference()
+    assert CliRunner().invoke(cli, ["stamps", "--help"]).exit_code == 0  # still there for the Makefile

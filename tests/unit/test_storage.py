@@ -221,3 +221,27 @@ def test_shard_checksum_walks_files_in_path_order(tmp_path):
         data = p.read_bytes()
         digest.update(p.relative_to(tmp_path).as_posix().encode() + b"\0" + len(data).to_bytes(8, "little") + data)
     assert shard_checksum(tmp_path)[0] == "sha256:" + digest.hexdigest()
+
+
+@pytest.mark.parametrize("where, command", [
+    ("run/tokens", "run `kdcache prepare`, the stage that writes it)"),
+    ("run/signals/teacher", "run `kdcache precompute`, the stage that writes it)"),
+    ("run/signals/comp", "run `kdcache precompute --source comp` (or precompute.members), the stage that writes it)"),
+    ("some/folder", "run the command that wrote it (`kdcache prepare` for a token store, `kdcache precompute` for "
+                    "a signal store, `kdcache convert` for a converted copy))"),
+])
+def test_a_missing_store_names_the_stage_that_writes_it(tmp_path, where, command):
+    with pytest.raises(StoreError) as info:
+        open_store(tmp_path / where)
+    assert str(info.value) == f"no store at {tmp_path / where}: manifest.json is missing ({command}"
+
+
+def test_an_incomplete_or_damaged_store_names_the_stage_that_writes_it(tmp_path):
+    store = Store.create(tmp_path / "run" / "tokens", _manifest())
+    _fill(store, skip={"train-00002"})
+    with pytest.raises(StoreError, match=r"incomplete .*: to finish it, rerun `kdcache prepare`, the stage that"):
+        open_store(tmp_path / "run" / "tokens")
+    (tmp_path / "run" / "tokens" / "shards" / "train-00000" / "_commit.json").write_text("{not json")
+    with pytest.raises(StoreError, match=r"_commit.json is corrupted .*: delete its shard folder and rerun "
+                                         r"`kdcache prepare`, the stage that writes it$"):
+        store.committed()

@@ -153,7 +153,8 @@ def test_inspect_every_kind_and_backend(tmp_path, backend, kind, capsys):
     decoded = [read_shard(store, r.name) for r in store.manifest.shards]
     p = np.concatenate([np.exp(d["logprobs"].astype(np.float64)).reshape(-1, d["logprobs"].shape[-1]) for d in decoded])
     entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(-1)
-    assert info["entropy_mean"] == pytest.approx(entropy.mean(), rel=1e-5)
+    assert info["support_entropy_mean"] == pytest.approx(entropy.mean(), rel=1e-5)  # of what the cache holds
+    assert "entropy_mean" not in info and info["entropy"].startswith("support_entropy_mean: ")
     if kind == "sample":
         assert info["samples"] == N and info["k"] is None and info["mass_covered_mean"] is None
         assert "not applicable" in info["mass_covered"]
@@ -162,3 +163,75 @@ def test_inspect_every_kind_and_backend(tmp_path, backend, kind, capsys):
         assert 0 < info["mass_covered_p10"] <= info["mass_covered_mean"] < 1
     if kind == "hybrid":
         assert info["samples"] == N and info["entries_per_position_mean"] == K + 3
+
+
+def _teacher_entropy(count, seed):
+    """The full teacher entropy per position of `_signal(kind, count, seed)` (the same seeded logits), (count*T,)."""
+    logits = np.random.default_rng(seed).standard_normal((count, SEQ_LEN, VOCAB)) * 2
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return -(np.exp(logp) * logp).sum(-1).ravel()
+
+
+@pytest.mark.parametrize("kind", ["topk", "hybrid", "sample"])
+def test_inspect_bounds_the_teachers_entropy_where_the_kind_allows(tmp_path, kind):
+    from kdcache.stages.inspect import describe, entropy_bounds
+
+    store = _store(tmp_path / "s", kind, encoding="float32")
+    info = describe(tmp_path / "s")
+    true = np.concatenate([_teacher_entropy(r.count, i) for i, r in enumerate(store.manifest.layout)])  # (P,)
+    if kind == "sample":  # N draws bound nothing: the plug-in estimate only, said to be biased low
+        assert info["teacher_entropy_lower_mean"] is None and info["teacher_entropy_upper_mean"] is None
+        assert "plug-in estimate" in info["entropy"] and "biased low" in info["entropy"]
+        return
+    assert info["teacher_entropy_lower_mean"] <= true.mean() <= info["teacher_entropy_upper_mean"]
+    assert info["support_entropy_mean"] < info["teacher_entropy_lower_mean"]  # the support alone is far below
+    decoded = np.concatenate([read_shard(store, r.name)["logprobs"][..., :K].reshape(-1, K)  # the exact top-k
+                              for r in store.manifest.layout]).astype(np.float64)
+    lower, upper = entropy_bounds(decoded, K, VOCAB)
+    assert np.all(lower <= true + 1e-6) and np.all(true <= upper + 1e-6)  # per position, not only on average
+
+
+def test_entropy_bounds_are_tight_at_their_extremes():
+    from kdcache.stages.inspect import entropy_bounds
+
+    # top-2 of V = 6 at 0.3 each; the tail 0.4 either uniform over 4 ids (0.1 each) or 0.3 + 0.1 (as peaked as
+    # the top-k allows): the bounds are the entropies of those two teachers
+    logprobs = np.log(np.array([[0.3, 0.3]]))
+    lower, upper = entropy_bounds(logprobs, 2, 6)
+    h = lambda ps: -sum(q * np.log(q) for q in ps)
+    assert upper[0] == pytest.approx(h([0.3, 0.3, 0.1, 0.1, 0.1, 0.1]))
+    assert lower[0] == pytest.approx(h([0.3, 0.3]) - 0.4 * np.log(0.3))  # 0.4 of mass at p_k's log-prob
+    assert lower[0] <= h([0.3, 0.3, 0.3, 0.1]) <= upper[0]
+
+
+@pytest.mark.parametrize("kind, refreshed", [("tokens", True), ("topk", True), ("topk", False)])
+def test_inspect_shows_the_progress_of_an_incomplete_store(tmp_path, kind, refreshed, capsys):
+    """refreshed: a killed and rerun writer's manifest lists its shards; not: a running (or killed) writer's
+    manifest lists none yet, its shards are committed on disk only."""
+    if kind == "tokens":
+        layout = make_layout({"train": 5, "validation": 2}, shard_sequences=2)
+        manifest = Manifest(kind="tokens", backend="zarr", fingerprints={"tokenizer": "tok-1"},
+                            params={"seq_len": SEQ_LEN, "vocab_size": VOCAB, "format": "text", "splits": {}},
+                            layout=layout)
+        store = Store.create(tmp_path / "s", manifest)
+        arrays = lambda n: {"input_ids": np.zeros((n, SEQ_LEN), np.uint16), "loss_mask": np.ones((n, SEQ_LEN), np.uint8)}
+    else:
+        store = _store(tmp_path / "full", kind)  # the layout and shard contents of a whole store
+        layout, manifest = store.manifest.layout, store.manifest
+        store = Store.create(tmp_path / "s", manifest.__class__(**{**manifest.__dict__, "shards": ()}))
+        arrays = None
+    for i, rec in enumerate(layout[:2]):  # a run killed (or still going) after 2 of 4 shards
+        data = arrays(rec.count) if arrays else encode_signal(kind, _signal(kind, rec.count, i), VOCAB, "float16")
+        store.write_shard(rec.name, data)
+    if refreshed:
+        store.refresh_manifest()
+    store.close()
+    assert main(["inspect", str(tmp_path / "s"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["complete"] is False and (info["shards"], info["shards_expected"]) == (2, 4)
+    assert (info["positions"], info["positions_expected"]) == (4 * SEQ_LEN, 7 * SEQ_LEN)
+    assert info["progress"] == f"2 of 4 shards committed ({4 * SEQ_LEN} of {7 * SEQ_LEN} tokens so far)"
+    if kind == "topk":
+        assert info["sampled_positions"] == 4 * SEQ_LEN and 0 < info["mass_covered_mean"] < 1
+    assert main(["inspect", str(tmp_path / "s")]) == 0  # the text form too
+    assert "progress: 2 of 4 shards committed" in capsys.readouterr().out
