@@ -403,12 +403,17 @@ def _from_yaml_folder(value, folder: Path, always: bool = False):
     return os.path.normpath(candidate) if always or candidate.exists() else value
 
 
+def _absolute_if_local(value: str) -> str:
+    """A relative path that exists from the current folder, made absolute; anything else as it is."""
+    if value in SPECIAL_SPECS or ":" in value or Path(value).is_absolute() or not Path(value).exists():
+        return value
+    return os.path.abspath(value)
+
+
 def rebase_yaml_paths(data: dict, yaml_path: Path) -> dict:
     """Paths in a YAML config are relative to the YAML file's folder, not to the current folder, so a config
     works from anywhere (`kdcache run -c ~/proj/my.yaml`):
-      run_dir                      always (it is always a folder; made if missing), except in a run's own
-                                   recorded RUN/config.yaml, whose run_dir (relative to where it was run) names
-                                   the folder it sits in
+      run_dir                      always (it is always a folder; made if missing)
       prepare.dataset, prepare.tokenizer, precompute.teacher, precompute.members specs (name=spec), train.student
                                    when the path exists relative to the YAML's folder; otherwise as written (a
                                    hub id, `default`, `layerdrop:N`, or a path relative to the current folder)
@@ -416,9 +421,8 @@ def rebase_yaml_paths(data: dict, yaml_path: Path) -> dict:
     folder (`-c my.yaml`) reads the same either way."""
     folder = yaml_path.parent
     data = dict(data)
-    run_dir = data.get("run_dir")
-    if isinstance(run_dir, str) and not (Path(run_dir).resolve() == folder.resolve()):  # not a recorded config
-        data["run_dir"] = _from_yaml_folder(run_dir, folder, always=True)
+    if isinstance(data.get("run_dir"), str):
+        data["run_dir"] = _from_yaml_folder(data["run_dir"], folder, always=True)
     for section, names in PATH_FIELDS.items():
         if isinstance(data.get(section), dict):
             data[section] = {**data[section], **{n: _from_yaml_folder(data[section][n], folder)
@@ -457,11 +461,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return config_from_dict(data)
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
 def record_config(cfg: Config, folder: Path, what: str) -> Path:
     """folder/config.yaml: the config the stage that writes `folder` ran with, under a comment line `what`.
     Stages call this when their real work starts (after every check), so a command refused for bad input records
@@ -471,6 +470,13 @@ def record_config(cfg: Config, folder: Path, what: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{RECORD_NAME}.{os.getpid()}.tmp"
     sections = {k: v for k, v in cfg.to_dict().items() if k != "run_dir"}
+    # local model/data paths as absolute ones: a record is read back from any folder (and from its own, where the
+    # YAML rule would read a relative path)
+    for section, names in PATH_FIELDS.items():
+        for name in names:
+            sections[section][name] = _absolute_if_local(sections[section][name])
+    sections["precompute"]["members"] = [f"{m.partition('=')[0]}={_absolute_if_local(m.partition('=')[2].strip())}"
+                                         for m in sections["precompute"]["members"]]
     tmp.write_text(f"# {what}\n" + yaml.safe_dump(sections, sort_keys=False))
     os.replace(tmp, folder / RECORD_NAME)
     return folder / RECORD_NAME

@@ -153,11 +153,17 @@ def test_yaml_values_that_are_not_paths_next_to_it_stay_as_written(tmp_path, mon
     assert cfg.run_dir == "runs/default"              # not in the YAML: the default, relative to the current folder
 
 
-def test_a_runs_recorded_config_reads_back_its_own_run_folder(tmp_path, monkeypatch):
-    from kdcache.pipeline.config import save_config
+def test_a_recorded_config_reads_back_its_local_paths_from_any_folder(tmp_path, monkeypatch):
+    from kdcache.pipeline.config import record_config, recorded_config
 
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["run_dir=runs/x", "train.max_steps=7"])
-    save_config(cfg, Path(cfg.run_dir) / "config.yaml")  # as every stage records it: run_dir relative to here
-    again = load_config("runs/x/config.yaml")
-    assert again.run_dir == "runs/x" and again.train.max_steps == 7
+    (tmp_path / "work" / "my-teacher").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = load_config(None, ["precompute.teacher=my-teacher", "precompute.members=[side=my-teacher]",
+                             "train.student=layerdrop:2", "prepare.dataset=default"])
+    record_config(cfg, tmp_path / "work" / "runs" / "x" / "student", "train")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = recorded_config(tmp_path / "work" / "runs" / "x" / "student")
+    assert again.precompute.teacher == str(tmp_path / "work" / "my-teacher")
+    assert again.precompute.members == [f"side={tmp_path / 'work' / 'my-teacher'}"]
+    assert (again.train.student, again.prepare.dataset) == ("layerdrop:2", "default")  # specs, not paths

@@ -77,7 +77,8 @@ def test_make_helpers_print_the_run_folder_and_the_rules(tmp_path, capsys, monke
     assert make_main(["run-dir", "-c", str(config)]) == 0
     assert make_main(["run-dir", "-c", str(config), "-s", "run_dir=runs/from-s"]) == 0
     assert make_main(["run-dir", "-c", str(config), "--run-dir", "runs/given", "--trust-remote-code"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["runs/from-yaml", "runs/from-s", "runs/given"]
+    # the YAML's run_dir is read from the YAML's folder, -s and --run-dir from the current one
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "runs/from-yaml"), "runs/from-s", "runs/given"]
     assert list(tmp_path.iterdir()) == [config]             # it only reads
     assert make_main(["makefile"]) == 0
     assert Path(capsys.readouterr().out.strip()) == RULES and RULES.exists()
