@@ -29,7 +29,7 @@ from kdcache.stages.losses.support import scaled_logits, support_logsumexp
 from kdcache.stages.losses.targets import (SparseTarget, Target, compute_dtype, log_missing_ids, teacher_support,
                                    unused_slots)
 
-TAIL_MODES = ("bucket", "renorm", "uniform")
+from kdcache.pipeline.config import DIVERGENCE_NAMES, TAIL_MODES  # the names live with the config (torch-free)
 
 
 # ----------------------------------------------------------------------------------------------- alignment
@@ -157,8 +157,8 @@ def ce_rows(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return lse - z_y.squeeze(-1)
 
 
-DIVERGENCES: dict[str, Callable] = {"kl": kl_cells, "rkl": rkl_cells, "jsd": jsd_cells, "tvd": tvd_cells,
-                                    "skl": skl_cells, "srkl": srkl_cells}
+# one cell function per name the config accepts (pipeline.config.DIVERGENCE_NAMES)
+DIVERGENCES: dict[str, Callable] = {name: globals()[f"{name}_cells"] for name in DIVERGENCE_NAMES}
 
 
 # ------------------------------------------------------------------------------------- public (sum, count)
