@@ -143,7 +143,7 @@ def train_and_evaluate(label: str, cfg: Config, budget: dict) -> dict:
               "eval": evaluate_student(final, cfg, f"evaluate ({label})")}
     if cfg.train.loss == "taid":
         result["taid_t"] = [r["taid_t"] for r in log]
-        result["taid_t_linear"] = [train.taid_schedule(cfg.train).linear(r["step"] - 1) for r in log]
+        result["taid_t_linear"] = [train.taid_schedule(cfg.train).linear(r["step"] - 2) for r in log]  # t of step s: the floor set after step s - 1
     write_atomic(result_path, json.dumps(result, indent=1))
     return result
 
