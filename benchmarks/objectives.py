@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import student_logits
 from kdcache.pipeline.config import Config, EvaluateConfig, PrecomputeConfig, PrepareConfig, TrainConfig
 from kdcache.stages import precompute, prepare, train
 from kdcache.stages.data import CachedKDDataset, to_device
@@ -103,7 +104,7 @@ def interleaved_loss_times(configs: dict[str, Config], rounds: int) -> dict[str,
     batch = to_device(batch, torch.device("cpu"), pin=False)
     positions, labels, target = train.loss_inputs(batch)
     with torch.no_grad():
-        logits = train.student_logits(student, batch["input_ids"], positions)            # (N, V)
+        logits = student_logits(student, batch["input_ids"], positions)            # (N, V)
     every = torch.ones_like(labels, dtype=torch.bool)
     times: dict[str, list[float]] = {label: [] for label in configs}
     for round_ in range(rounds + 1):  # round 0 warms up allocator and kernels, not counted

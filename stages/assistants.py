@@ -296,21 +296,6 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     return plan
 
 
-def export_candidate(cfg: Config, target_sparsity: float, out: Path) -> Path:
-    """Export another grid candidate of the trained slimmable assistant (e.g. to compare assistants)."""
-    from transformers import AutoModelForCausalLM
-
-    info = json.loads((cfg.assistants_dir / CANDIDATES).read_text())
-    match = [c for c in info["candidates"] if abs(c["target_sparsity"] - target_sparsity) < 1e-9]
-    if not match:
-        raise KdcacheError(f"sparsity {target_sparsity:g} is not in the assistants grid {cfg.assistants.grid}")
-    c = match[0]
-    model = AutoModelForCausalLM.from_pretrained(cfg.assistants_dir / TRAINED, dtype=torch.float32)
-    small = pruning.extract_width(model, Width(**info["layout"]),
-                                  Width(c["kv_groups"], c["heads_per_group"], c["neurons"]))
-    return pruning.save_model_dir(small, out, load_tokenizer(cfg.precompute.teacher))
-
-
 def table_rows(table: list[dict]) -> list[list[str]]:
     """The candidates as table rows, the header first (the stage's printout and `kdcache report`)."""
     rows = [["sparsity", "size (% teacher)", "KV groups × heads", "neurons", "P (top-1)", "KL(teacher‖TA)",

@@ -151,14 +151,6 @@ def student_hidden(student, input_ids: torch.Tensor, positions: torch.Tensor) ->
     return hidden.flatten(0, 1)[positions]                                  # (N, H)
 
 
-def student_logits(student, input_ids: torch.Tensor, positions: torch.Tensor, return_hidden: bool = False):
-    """All (N, V) logits where the loss is taken at once (benchmarks, small batches); with return_hidden:
-    (logits (N, V), last hidden states (N, H)). Training goes through student_hidden + output_head instead."""
-    hidden = student_hidden(student, input_ids, positions)                  # (N, H)
-    logits = student.get_output_embeddings()(hidden).float()                # (N, V)
-    return (logits, hidden) if return_hidden else logits
-
-
 def output_head(student, device: torch.device, precision: str = "fp32"):
     """The student's output layer as compute_objective's lm_head: hidden (n, H) -> float32 logits (n, V), under
     the run's autocast, so the (N, V) logits of a batch never exist at once."""
