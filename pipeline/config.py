@@ -528,8 +528,11 @@ def record_config(cfg: Config, folder: Path, what: str) -> Path:
     nothing, and each output keeps the config that made it whatever later commands run with. Every section, but
     not run_dir: the record lies in the run folder, which may move, and the same work in two run folders records
     the same bytes. Written aside and renamed, so a reader never sees half a file."""
+    # imported here: kdcache.storage's package imports zarr, which the make helpers must not load (they read
+    # configs each time make reads a Makefile)
+    from kdcache.storage.files import atomic_write_text
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RECORD_NAME}.{os.getpid()}.tmp"
     sections = {k: v for k, v in cfg.to_dict().items() if k != "run_dir"}
     # local model/data paths as absolute ones: a record is read back from any folder (and from its own, where the
     # YAML rule would read a relative path)
@@ -538,9 +541,7 @@ def record_config(cfg: Config, folder: Path, what: str) -> Path:
             sections[section][name] = _absolute_if_local(sections[section][name])
     sections["precompute"]["members"] = [f"{m.partition('=')[0]}={_absolute_if_local(m.partition('=')[2].strip())}"
                                          for m in sections["precompute"]["members"]]
-    tmp.write_text(f"# {what}\n" + yaml.safe_dump(sections, sort_keys=False))
-    os.replace(tmp, folder / RECORD_NAME)
-    return folder / RECORD_NAME
+    return atomic_write_text(folder / RECORD_NAME, f"# {what}\n" + yaml.safe_dump(sections, sort_keys=False))
 
 
 def recorded_config(folder: Path) -> Config | None:

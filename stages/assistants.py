@@ -17,10 +17,8 @@ Widths are uniform across layers (exportable as a standard Llama config): see st
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +37,14 @@ from kdcache.stages.report import markdown_table, plot_tradeoff
 from kdcache.stages.runtime import pick_device
 from kdcache.stages.schedules import WarmupCosineLR
 from kdcache.stages.train import loss_inputs, open_stores
+from kdcache.storage.files import atomic_write_text
 
 INIT, TRAINED, CHOSEN = "slimmable-init", "slimmable", "chosen"
 PLAN, PLOT, CANDIDATES, INPUTS = "ta_plan.json", "ta_tradeoff.png", "candidates.json", "inputs.json"
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 # ---- 1. prune ------------------------------------------------------------------------------------------

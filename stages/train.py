@@ -47,6 +47,7 @@ from kdcache.stages.runtime import all_reduce_sum, autocast, init_distributed, p
 from kdcache.stages.schedules import TAIDSchedule, WarmupCosineLR
 from kdcache.stages.signals import sparse_target
 from kdcache.storage import Store
+from kdcache.storage.files import atomic_write_text
 
 CHECKPOINT_PREFIX = "step-"
 TENSORBOARD_DIR = "tensorboard"
@@ -354,9 +355,7 @@ def _truncate_log(path: Path, step: int) -> None:
     aside and renamed, so a kill during the rewrite cannot lose the lines that are kept."""
     if path.exists():
         lines = [l for l in path.read_text().splitlines() if l.endswith("}") and json.loads(l)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(l + "\n" for l in lines))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(l + "\n" for l in lines))
 
 
 # ---- the committee -------------------------------------------------------------------------------------
