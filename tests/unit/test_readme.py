@@ -1,9 +1,16 @@
 """The README's CLI reference is the CLI's own help (regenerate with `make docs`)."""
 from pathlib import Path
 
-from kdcache.pipeline.clidoc import cli_reference, readme_section
+from kdcache.pipeline.clidoc import END, START, cli_reference
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_section(readme: str) -> str:
+    """The part of README.md between the cli-reference markers."""
+    if START not in readme or END not in readme:
+        raise ValueError(f"README has no {START} ... {END} section")
+    return readme.split(START, 1)[1].split(END, 1)[0].strip("\n")
 
 
 def test_readme_cli_reference_matches_the_cli():
