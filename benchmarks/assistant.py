@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-from kdcache.pipeline.config import load_config
-from kdcache.stages import assistants, evaluate, precompute, prepare, train
+from kdcache.pipeline.config import Config, load_config
+from kdcache.pipeline.errors import KdcacheError
+from kdcache.stages import assistants, evaluate, precompute, prepare, pruning, train
+from kdcache.stages.models import load_tokenizer
 
 # tiny budgets: the machine is 2 shared CPU cores and the teacher has 30 layers
 BASE = {
@@ -39,6 +41,20 @@ BASE = {
 }
 OTHER_PREFERENCE = (0.1, 0.5, 0.85, 0.3, 0.7)  # the two comparison assistants: the first two of these not chosen
 
+
+def export_candidate(cfg: Config, target_sparsity: float, out: Path) -> Path:
+    """Export another grid candidate of the trained slimmable assistant (e.g. to compare assistants)."""
+    from transformers import AutoModelForCausalLM
+
+    info = json.loads((cfg.assistants_dir / assistants.CANDIDATES).read_text())
+    match = [c for c in info["candidates"] if abs(c["target_sparsity"] - target_sparsity) < 1e-9]
+    if not match:
+        raise KdcacheError(f"sparsity {target_sparsity:g} is not in the assistants grid {cfg.assistants.grid}")
+    c = match[0]
+    model = AutoModelForCausalLM.from_pretrained(cfg.assistants_dir / assistants.TRAINED, dtype=torch.float32)
+    small = pruning.extract_width(model, pruning.Width(**info["layout"]),
+                                  pruning.Width(c["kv_groups"], c["heads_per_group"], c["neurons"]))
+    return pruning.save_model_dir(small, out, load_tokenizer(cfg.precompute.teacher))
 
 def _config(run_dir: Path, **extra):
     return load_config(None, [f"run_dir={run_dir}", *(f"{k}={v}" for k, v in {**BASE, **extra}.items())])
@@ -108,7 +124,7 @@ def main(argv=None):
         row = next(r for r in table if r["target_sparsity"] == target)
         model_dir = base / "assistants" / "exports" / name
         start = time.perf_counter()
-        assistants.export_candidate(cfg, target, model_dir)
+        export_candidate(cfg, target, model_dir)
         precompute.run(cfg, source=name, model=str(model_dir), overwrite=True)
         cache_s = time.perf_counter() - start
         result = _student(base, out, name, name)

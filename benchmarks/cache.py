@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import student_logits
 from kdcache.pipeline.config import Config, PrepareConfig, TrainConfig
 from kdcache.stages import prepare
 from kdcache.stages.losses import ObjectiveSpec, compute_objective
@@ -37,7 +38,6 @@ from kdcache.stages.losses.divergences import divergence_rows
 from kdcache.stages.models import build_student, load_teacher
 from kdcache.stages.schedules import WarmupCosineLR
 from kdcache.stages.signals import concat_signals, extract_signal, shard_generator, sparse_target
-from kdcache.stages.train import student_logits
 from kdcache.storage import Manifest, Store, decode_signal, encode_signal, make_layout, read_shard
 
 OUT = Path("runs/bench")

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import student_logits
 from kdcache.pipeline.config import Config, EvaluateConfig, PrecomputeConfig, PrepareConfig, TrainConfig
 from kdcache.stages import precompute, prepare, train
 from kdcache.stages.data import CachedKDDataset, to_device
 from kdcache.stages.evaluate import evaluate_model
 from kdcache.stages.losses import compute_objective
 from kdcache.stages.models import build_student
+from kdcache.storage.files import atomic_write_text
 
 OUT = Path("runs/experiments/objectives")
 
@@ -103,7 +105,7 @@ def interleaved_loss_times(configs: dict[str, Config], rounds: int) -> dict[str,
     batch = to_device(batch, torch.device("cpu"), pin=False)
     positions, labels, target = train.loss_inputs(batch)
     with torch.no_grad():
-        logits = train.student_logits(student, batch["input_ids"], positions)            # (N, V)
+        logits = student_logits(student, batch["input_ids"], positions)            # (N, V)
     every = torch.ones_like(labels, dtype=torch.bool)
     times: dict[str, list[float]] = {label: [] for label in configs}
     for round_ in range(rounds + 1):  # round 0 warms up allocator and kernels, not counted
@@ -143,8 +145,8 @@ def train_and_evaluate(label: str, cfg: Config, budget: dict) -> dict:
               "eval": evaluate_student(final, cfg, f"evaluate ({label})")}
     if cfg.train.loss == "taid":
         result["taid_t"] = [r["taid_t"] for r in log]
-        result["taid_t_linear"] = [train.taid_schedule(cfg.train).linear(r["step"] - 1) for r in log]
-    write_atomic(result_path, json.dumps(result, indent=1))
+        result["taid_t_linear"] = [train.taid_schedule(cfg.train).linear(r["step"] - 2) for r in log]  # t of step s: the floor set after step s - 1
+    atomic_write_text(result_path, json.dumps(result, indent=1))
     return result
 
 
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     if untrained.get("budget") != budget:
         untrained = {"budget": budget, "eval": evaluate_student(first.student_dir / "init", first,
                                                                 "evaluate (untrained)")}
-        write_atomic(untrained_path, json.dumps(untrained, indent=1))
+        atomic_write_text(untrained_path, json.dumps(untrained, indent=1))
     kl_log = results[BASELINE]["median_step_seconds"]
     for r in results.values():
         r["log_time_vs_kl"] = r["median_step_seconds"] / kl_log
@@ -222,18 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_seconds": time.perf_counter() - wall_start,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    write_atomic(OUT / "results.json", json.dumps(summary, indent=1))
+    atomic_write_text(OUT / "results.json", json.dumps(summary, indent=1))
     table = render_table(summary)
-    write_atomic(OUT / "results.md", table + "\n")
+    atomic_write_text(OUT / "results.md", table + "\n")
     print("\n" + table, flush=True)
     print(f"\nwrote {OUT / 'results.json'} and {OUT / 'results.md'} ({summary['wall_seconds'] / 60:.1f} min)")
     return summary
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def render_table(summary: dict) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from kdcache.storage import _arrow, _zarr, open_store, read_shard
-from kdcache.storage.codecs import decode_signal, decode_throughput, encode_signal
+from kdcache.storage.codecs import decode_signal, encode_signal, signal_params
 
 # name -> (backend module, write options)
 SETTINGS = {
@@ -99,6 +99,37 @@ def read_decode_speed(store_path: Path, encoding: str, repeats: int = 3) -> dict
     return out
 
 
+def decode_throughput(kind: str = "topk", k: int = 16, value_encoding: str = "float16", vocab_size: int = 49152,
+                      positions: int = 262_144, samples: int = 50, repeats: int = 5, seed: int = 0) -> dict:
+    """Tokens decoded per second (median of `repeats`) on synthetic signals of `positions` positions, in the
+    calling thread."""
+    rng = np.random.default_rng(seed)
+    n, t = positions // 256, 256
+    logits = rng.standard_normal((n, t, k)).astype(np.float32) * 2
+    logprobs = -np.sort(-logits, -1) - 3.0
+    # distinct ids per position, all below vocab_size // 2 (the hybrid tail uses the upper half)
+    ids = rng.integers(0, vocab_size // (2 * k), (n, t, 1)) * k + np.arange(k)                        # (n, t, k)
+    signal = {"ids": ids, "logprobs": logprobs, "lognorm": rng.standard_normal((n, t)).astype(np.float32)}
+    m = min(12, k)
+    counts = np.zeros((n, t, m), np.int64)
+    counts[..., 0] = samples - (m - 1)
+    counts[..., 1:] = 1
+    if kind == "sample":
+        signal = {"ids": ids[..., :m], "counts": counts}
+    elif kind == "hybrid":
+        signal.update(tail_ids=ids[..., :m] + vocab_size // 2, tail_counts=counts)
+    arrays = encode_signal(kind, signal, vocab_size, value_encoding)
+    params = signal_params(kind, vocab_size, value_encoding, k=k, samples=samples)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decode_signal(arrays, params)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    return {"kind": kind, "k": k, "value_encoding": value_encoding, "vocab_size": vocab_size,
+            "positions": n * t, "seconds": seconds, "tokens_per_s": n * t / seconds}
+
+
 def markdown(results: dict) -> str:
     lines = ["# Signal store size and decode speed\n", f"Store: `{results['store']}` (top-{results['k']}, "
              f"V = {results['vocab_size']}, {results['positions']} positions). Machine: {results['machine']}. "
@@ -113,7 +144,7 @@ def markdown(results: dict) -> str:
             for name, b in r["per_array_bytes_per_token"].items():
                 lines.append(f"| {r['value_encoding']} | `{name}` | {b:.2f} |")
     lines += ["", "Decode throughput, one core (median of 5; synthetic signals of 262,144 positions, "
-              "`kdcache.storage.codecs.decode_throughput`):", "", "| kind | value encoding | V | tokens/s |", "|---|---|---|---|"]
+              "`benchmarks.store_size.decode_throughput`):", "", "| kind | value encoding | V | tokens/s |", "|---|---|---|---|"]
     for r in results["decode"]:
         lines.append(f"| {r['kind']} | {r['value_encoding']} | {r['vocab_size']} | {r['tokens_per_s'] / 1e6:.1f} M |")
     lines += ["", "Read from disk + decode of the real shards (page cache warm), one core:", "",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from kdcache.pipeline.config import Config, check_source_name, load_config
+from kdcache.pipeline.config import BACKENDS, LOSS_NAMES, Config, check_scheduler, check_source_name, load_config
 from kdcache.pipeline.errors import KdcacheError
 from kdcache.pipeline.freshness import mark_done, precompute_stage, write_stamps
 
@@ -71,6 +71,8 @@ def precompute(cfg: Config, scheduler: str | None, overwrite: bool, source: str 
     """Run the teacher and every precompute.members entry once; cache each one's signal (RUN/signals/<source>)."""
     from kdcache.stages import precompute as stage
 
+    if scheduler is not None:
+        check_scheduler(scheduler, "--scheduler")
     if model is not None and source is None:
         raise KdcacheError("--model needs --source NAME: the signal store the model's signal is cached in")
     if source is not None:
@@ -109,7 +111,7 @@ def assistants(cfg: Config, overwrite: bool):
 @cli.command()
 @config_options
 @click.option("--loss", default=None,
-              help="Objective: ce, kl, rkl, jsd, tvd, skl, srkl, taid, rlkd or rlkd+<kl|rkl|...> "
+              help=f"Objective: {', '.join(n for n in LOSS_NAMES if '+' not in n)} or rlkd+<kl|rkl|...> "
                    "(shorthand for -s train.loss=...).")
 @click.option("--no-adaptive", is_flag=True,
               help="TAID with the linear t schedule only (shorthand for -s train.taid_adaptive=false).")
@@ -165,6 +167,8 @@ def run(cfg: Config, scheduler: str | None, assistant: bool, overwrite: bool):
     """The whole chain: prepare -> precompute -> train -> evaluate (each resumes or skips finished work)."""
     from kdcache.stages import evaluate, precompute, prepare, train
 
+    if scheduler is not None:  # before prepare runs, not after it
+        check_scheduler(scheduler, "--scheduler")
     prepare.run(cfg, overwrite=overwrite)
     mark_done(cfg, "prepare")
     precompute.run(cfg, scheduler=scheduler, overwrite=overwrite)
@@ -269,7 +273,7 @@ def verify(store: str, as_json: bool):
 @cli.command()
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
-@click.option("--backend", type=click.Choice(["zarr", "arrow"]), required=True, help="Backend of the new store.")
+@click.option("--backend", type=click.Choice(BACKENDS), required=True, help="Backend of the new store.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at DST made from other inputs.")
 def convert(src: str, dst: str, backend: str, overwrite: bool):
     """Rewrite a store into another backend at DST, shard by shard (same arrays and fingerprint; resumable)."""

@@ -29,13 +29,6 @@ def cli_reference() -> str:
     return "\n".join(parts)
 
 
-def readme_section(readme: str) -> str:
-    """The part of README.md between the cli-reference markers."""
-    if START not in readme or END not in readme:
-        raise ValueError(f"README has no {START} ... {END} section")
-    return readme.split(START, 1)[1].split(END, 1)[0].strip("\n")
-
-
 def write(readme_path: Path) -> None:
     text = readme_path.read_text()
     head, rest = text.split(START, 1)

@@ -17,6 +17,19 @@ BACKENDS = ("zarr", "arrow")  # storage backends (storage/_zarr.py, storage/_arr
 SIGNAL_KINDS = ("topk", "sample", "hybrid")  # what precompute caches per position (stages/signals.py)
 SAMPLE_DRAWS = ("iid", "systematic")          # how the sampled kinds draw (stages/signals.py)
 COMMITTEE_WEIGHTS = ("learned", "uniform", "fixed", "confidence")
+DATA_FORMATS = ("auto", "text", "instruction")  # how prepare reads records (stages/data.py)
+TRUNCATIONS = ("right", "drop")                 # instruction records longer than seq_len (stages/prepare.py)
+# how support log-probs are stored; storage/codecs.py keeps its own copy because storage imports nothing above
+# it (tests/unit/test_config.py pins the two equal)
+VALUE_ENCODINGS = ("float16", "float32", "int8")
+MAX_SAMPLES = 255                               # sampled counts are stored as uint8 (storage/codecs.py)
+PRECISIONS = ("auto", "bf16", "fp32")           # train.precision (stages/runtime.py autocast)
+# The objective registry's names, declared here (torch-free, the bottom layer) so a config is validated at load
+# without importing torch; stages/losses builds its functions over exactly these names.
+TAIL_MODES = ("bucket", "renorm", "uniform")    # how a sparse teacher's missing mass is treated (losses/divergences.py)
+DIVERGENCE_NAMES = ("kl", "rkl", "jsd", "tvd", "skl", "srkl")  # the KL family (losses/divergences.py)
+RLKD_BASES = DIVERGENCE_NAMES                   # rlkd+<base> for every KL-family divergence
+LOSS_NAMES: tuple[str, ...] = ("ce", *DIVERGENCE_NAMES, "taid", "rlkd", *(f"rlkd+{b}" for b in RLKD_BASES))
 TEACHER_SOURCE = "teacher"  # the name of the teacher's signal store; other sources are named by the user
 RECORD_NAME = "config.yaml"  # the config a stage ran with, recorded beside its outputs (record_config)
 # folders of the run that belong to stages, so a student (train.output) may not take their name
@@ -29,9 +42,31 @@ def check_source_name(name: str, what: str) -> None:
            f"{what} {name!r} is not a valid source name: use letters, digits, '-', '_' or '.'")
 
 
+def check_scheduler(value: str, what: str) -> None:
+    """local | sync | an address (tcp://host:port, host:port): anything else is a typo that dask would only
+    report after a timeout."""
+    _check(value in ("local", "sync") or ":" in value,
+           f"{what} {value!r} is not local, sync or a scheduler address like tcp://host:8786")
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise KdcacheError(f"invalid config: {message}")
+
+
+def _check_choice(value, choices: tuple, key: str) -> None:
+    _check(value in choices, f"{key} {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_text(value: str, key: str) -> None:
+    """A name or path field: an empty value would silently mean the current folder or nothing."""
+    _check(bool(str(value).strip()), f"{key} must not be empty")
+
+
+def _check_device(spec: str) -> None:
+    kind, sep, index = spec.partition(":")
+    ok = spec in ("auto", "cpu", "cuda") or (kind == "cuda" and sep and index.isdigit())
+    _check(ok, f"train.device {spec!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 @dataclass
@@ -52,11 +87,16 @@ class PrepareConfig:
     backend: str = "zarr"              # zarr | arrow: how the token store is written
 
     def __post_init__(self):
-        _check(self.format in ("auto", "text", "instruction"), f"prepare.format {self.format!r} is not one of auto, text, instruction")
+        for name in ("dataset", "dataset_split", "text_field", "tokenizer"):
+            _check_text(getattr(self, name), f"prepare.{name}")
+        _check(self.dataset_config is None or bool(self.dataset_config.strip()),
+               "prepare.dataset_config must not be empty (null for none)")
+        _check_choice(self.format, DATA_FORMATS, "prepare.format")
         _check(self.seq_len >= 8, f"prepare.seq_len must be >= 8, got {self.seq_len}")
         _check(0.0 < self.validation_fraction < 1.0, f"prepare.validation_fraction must be in (0, 1), got {self.validation_fraction}")
-        _check(self.truncation in ("right", "drop"), f"prepare.truncation {self.truncation!r} is not one of right, drop")
-        _check(self.backend in BACKENDS, f"prepare.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        _check_choice(self.truncation, TRUNCATIONS, "prepare.truncation")
+        _check_choice(self.backend, BACKENDS, "prepare.backend")
+        _check(self.seed >= 0, f"prepare.seed must be >= 0, got {self.seed}")
         _check(self.shard_sequences >= 1, f"prepare.shard_sequences must be >= 1, got {self.shard_sequences}")
         for name in ("max_train_sequences", "max_validation_sequences"):
             v = getattr(self, name)
@@ -100,17 +140,22 @@ class PrecomputeConfig:
                                                    "own source (precompute.teacher): choose another name")
             _check(name.strip() not in names, f"precompute.members name {name.strip()!r} is used twice")
             names.append(name.strip())
-        _check(self.signal in SIGNAL_KINDS, f"precompute.signal {self.signal!r} is not one of {', '.join(SIGNAL_KINDS)}")
-        _check(self.draws in SAMPLE_DRAWS, f"precompute.draws {self.draws!r} is not one of {', '.join(SAMPLE_DRAWS)}")
+        _check_text(self.teacher, "precompute.teacher")
+        _check_choice(self.signal, SIGNAL_KINDS, "precompute.signal")
+        _check_choice(self.draws, SAMPLE_DRAWS, "precompute.draws")
         _check(self.k >= 1, f"precompute.k must be >= 1, got {self.k}")
-        _check(1 <= self.samples <= 255, f"precompute.samples must be in 1..255 (counts are stored as uint8), got {self.samples}")
-        _check(self.value_encoding in ("float16", "float32", "int8"),
-               f"precompute.value_encoding {self.value_encoding!r} is not one of float16, float32, int8")
+        _check(1 <= self.samples <= MAX_SAMPLES,
+               f"precompute.samples must be in 1..{MAX_SAMPLES} (counts are stored as uint8), got {self.samples}")
+        _check(self.seed >= 0, f"precompute.seed must be >= 0, got {self.seed}")
+        _check_choice(self.value_encoding, VALUE_ENCODINGS, "precompute.value_encoding")
         _check(self.batch_size >= 1, f"precompute.batch_size must be >= 1, got {self.batch_size}")
+        check_scheduler(self.scheduler, "precompute.scheduler")
         _check(self.workers >= 1, f"precompute.workers must be >= 1, got {self.workers}")
+        _check(self.threads_per_worker is None or self.threads_per_worker >= 1,
+               f"precompute.threads_per_worker must be >= 1 or null, got {self.threads_per_worker}")
         _check(self.retries >= 0, f"precompute.retries must be >= 0, got {self.retries}")
         _check(self.worker_timeout > 0, f"precompute.worker_timeout must be > 0, got {self.worker_timeout}")
-        _check(self.backend in BACKENDS, f"precompute.backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        _check_choice(self.backend, BACKENDS, "precompute.backend")
 
     def sources(self) -> list[tuple[str, str]]:
         """[(source name, model spec)] cached by one precompute run: the teacher first, then the members."""
@@ -160,7 +205,14 @@ class TrainConfig:
     trust_remote_code: bool = False    # run Python code shipped with a hub student (only for code you trust)
 
     def __post_init__(self):
+        _check_text(self.student, "train.student")
+        _check(self.loss in LOSS_NAMES, f"unknown loss {self.loss!r}; valid: {', '.join(LOSS_NAMES)} (train.loss)")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.clip_grad_norm > 0, f"train.clip_grad_norm must be > 0, got {self.clip_grad_norm}")
+        _check(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _check_device(self.device)
         _check(self.temperature > 0, f"train.temperature must be > 0, got {self.temperature}")
         _check(0.0 <= self.ce_weight <= 1.0, f"train.ce_weight must be in [0, 1], got {self.ce_weight}")
         _check(0.0 < self.jsd_beta < 1.0, f"train.jsd_beta must be in (0, 1), got {self.jsd_beta}")
@@ -172,12 +224,12 @@ class TrainConfig:
         _check(0.0 <= self.taid_beta < 1.0, f"train.taid_beta must be in [0, 1), got {self.taid_beta}")
         _check(self.rlkd_k >= 1, f"train.rlkd_k must be >= 1, got {self.rlkd_k}")
         _check(self.rlkd_weight >= 0.0, f"train.rlkd_weight must be >= 0, got {self.rlkd_weight}")
-        _check(self.tail in ("bucket", "renorm", "uniform"), f"train.tail {self.tail!r} is not one of bucket, renorm, uniform")
+        _check_choice(self.tail, TAIL_MODES, "train.tail")
         _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "chunk_size"):
             _check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        _check(self.precision in ("auto", "bf16", "fp32"), f"train.precision {self.precision!r} is not one of auto, bf16, fp32")
+        _check_choice(self.precision, PRECISIONS, "train.precision")
         _check(self.prefetch >= 0, f"train.prefetch must be >= 0, got {self.prefetch}")
         check_source_name(self.source, "train.source")
         check_source_name(self.output, "train.output")
@@ -186,8 +238,7 @@ class TrainConfig:
         for name in self.committee:
             check_source_name(name, "train.committee member")
         _check(len(set(self.committee)) == len(self.committee), f"train.committee lists a source twice: {self.committee}")
-        _check(self.committee_weights in COMMITTEE_WEIGHTS,
-               f"train.committee_weights {self.committee_weights!r} is not one of {', '.join(COMMITTEE_WEIGHTS)}")
+        _check_choice(self.committee_weights, COMMITTEE_WEIGHTS, "train.committee_weights")
         if self.committee and self.committee_weights == "fixed":
             _check(len(self.committee_fixed) == len(self.committee) and all(w >= 0 for w in self.committee_fixed)
                    and sum(self.committee_fixed) > 0,
@@ -204,6 +255,8 @@ class EvaluateConfig:
 
     def __post_init__(self):
         _check(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.max_sequences is None or self.max_sequences >= 1,
+               f"evaluate.max_sequences must be >= 1 or null, got {self.max_sequences}")
 
 
 @dataclass
@@ -245,6 +298,11 @@ class AssistantsConfig:
             _check(getattr(self, name) >= 1, f"assistants.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.middle_widths >= 0, f"assistants.middle_widths must be >= 0, got {self.middle_widths}")
         _check(self.lr > 0, f"assistants.lr must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, f"assistants.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"assistants.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.weight_decay >= 0, f"assistants.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.clip_grad_norm > 0, f"assistants.clip_grad_norm must be > 0, got {self.clip_grad_norm}")
+        _check(self.seed >= 0, f"assistants.seed must be >= 0, got {self.seed}")
         _check(self.eval_sequences is None or self.eval_sequences >= 1,
                f"assistants.eval_sequences must be >= 1 or null, got {self.eval_sequences}")
         check_source_name(self.source, "assistants.source")
@@ -259,6 +317,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     assistants: AssistantsConfig = field(default_factory=AssistantsConfig)
+
+    def __post_init__(self):
+        _check_text(self.run_dir, "run_dir")
 
     # where each stage's outputs live inside the run folder
     @property
@@ -467,8 +528,11 @@ def record_config(cfg: Config, folder: Path, what: str) -> Path:
     nothing, and each output keeps the config that made it whatever later commands run with. Every section, but
     not run_dir: the record lies in the run folder, which may move, and the same work in two run folders records
     the same bytes. Written aside and renamed, so a reader never sees half a file."""
+    # imported here: kdcache.storage's package imports zarr, which the make helpers must not load (they read
+    # configs each time make reads a Makefile)
+    from kdcache.storage.files import atomic_write_text
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RECORD_NAME}.{os.getpid()}.tmp"
     sections = {k: v for k, v in cfg.to_dict().items() if k != "run_dir"}
     # local model/data paths as absolute ones: a record is read back from any folder (and from its own, where the
     # YAML rule would read a relative path)
@@ -477,9 +541,7 @@ def record_config(cfg: Config, folder: Path, what: str) -> Path:
             sections[section][name] = _absolute_if_local(sections[section][name])
     sections["precompute"]["members"] = [f"{m.partition('=')[0]}={_absolute_if_local(m.partition('=')[2].strip())}"
                                          for m in sections["precompute"]["members"]]
-    tmp.write_text(f"# {what}\n" + yaml.safe_dump(sections, sort_keys=False))
-    os.replace(tmp, folder / RECORD_NAME)
-    return folder / RECORD_NAME
+    return atomic_write_text(folder / RECORD_NAME, f"# {what}\n" + yaml.safe_dump(sections, sort_keys=False))
 
 
 def recorded_config(folder: Path) -> Config | None:

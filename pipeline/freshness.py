@@ -12,7 +12,6 @@ Upstream outputs are covered by the dependency chain itself (precompute.done dep
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from kdcache.pipeline.config import TEACHER_SOURCE, Config
@@ -49,12 +48,17 @@ def stages_dir(cfg: Config) -> Path:
     return Path(cfg.run_dir) / STAGES_DIR
 
 
+def _atomic_write_text(path: Path, text: str) -> Path:
+    # imported when writing: kdcache.storage's package imports zarr, which the make helpers must not load
+    from kdcache.storage.files import atomic_write_text
+
+    return atomic_write_text(path, text)
+
+
 def _write_if_changed(path: Path, text: str) -> bool:
     if path.exists() and path.read_text() == text:
         return False
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write_text(path, text)
     return True
 
 
@@ -74,7 +78,4 @@ def mark_done(cfg: Config, stage: str, summary: dict | None = None) -> Path:
     folder = stages_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stage}.done"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(summary or {}, indent=1, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return _atomic_write_text(path, json.dumps(summary or {}, indent=1, sort_keys=True, default=str) + "\n")

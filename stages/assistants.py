@@ -17,10 +17,8 @@ Widths are uniform across layers (exportable as a standard Llama config): see st
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +37,14 @@ from kdcache.stages.report import markdown_table, plot_tradeoff
 from kdcache.stages.runtime import pick_device
 from kdcache.stages.schedules import WarmupCosineLR
 from kdcache.stages.train import loss_inputs, open_stores
+from kdcache.storage.files import atomic_write_text
 
 INIT, TRAINED, CHOSEN = "slimmable-init", "slimmable", "chosen"
 PLAN, PLOT, CANDIDATES, INPUTS = "ta_plan.json", "ta_tradeoff.png", "candidates.json", "inputs.json"
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 # ---- 1. prune ------------------------------------------------------------------------------------------
@@ -294,21 +291,6 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     print(f"assistants: chose {table[chosen]['sparsity']:.0%} sparsity (P {table[chosen]['P']:.3f}) -> "
           f"{out_dir / CHOSEN}; plan {out_dir / PLAN}, plot {out_dir / PLOT}", flush=True)
     return plan
-
-
-def export_candidate(cfg: Config, target_sparsity: float, out: Path) -> Path:
-    """Export another grid candidate of the trained slimmable assistant (e.g. to compare assistants)."""
-    from transformers import AutoModelForCausalLM
-
-    info = json.loads((cfg.assistants_dir / CANDIDATES).read_text())
-    match = [c for c in info["candidates"] if abs(c["target_sparsity"] - target_sparsity) < 1e-9]
-    if not match:
-        raise KdcacheError(f"sparsity {target_sparsity:g} is not in the assistants grid {cfg.assistants.grid}")
-    c = match[0]
-    model = AutoModelForCausalLM.from_pretrained(cfg.assistants_dir / TRAINED, dtype=torch.float32)
-    small = pruning.extract_width(model, Width(**info["layout"]),
-                                  Width(c["kv_groups"], c["heads_per_group"], c["neurons"]))
-    return pruning.save_model_dir(small, out, load_tokenizer(cfg.precompute.teacher))
 
 
 def table_rows(table: list[dict]) -> list[list[str]]:

@@ -14,6 +14,7 @@ import torch
 
 from kdcache.pipeline.errors import KdcacheError
 from kdcache.stages.hub import check_hub_id
+from kdcache.storage.files import atomic_write_text
 
 DEFAULT_TEACHER = "default"
 DEFAULT_TEACHER_NAME = "SmolLM2-135M-Instruct"
@@ -173,9 +174,7 @@ def _cached(name: str, key: str, compute, field: str) -> str:
         pass
     value = compute()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps({"key": key, field: value}))
-    os.replace(tmp, cache)
+    atomic_write_text(cache, json.dumps({"key": key, field: value}))
     return value
 
 

@@ -17,15 +17,15 @@ Sections (data they read; any depth below the folder):
 from __future__ import annotations
 
 import html
+import io
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kdcache.pipeline.errors import KdcacheError
+from kdcache.storage.files import atomic_write_bytes
 
 REPORT_DIR = "report"
 STUDENT_DIR = "student"   # train.output's default: such a student is labelled by its run alone
@@ -197,10 +197,10 @@ def _save(fig, path: Path) -> None:
     """Written aside and renamed, so a reader never sees half a PNG."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:

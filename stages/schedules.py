@@ -7,11 +7,15 @@ import math
 class TAIDSchedule:
     """TAID's adaptive interpolation weight t (Shing et al., ICLR 2025; SakanaAI/TAID defaults).
 
-    Once per optimiser step, with J the detached distillation objective of that step:
+    Once per optimiser step, with J the detached distillation objective of that step and s the optimiser steps
+    done before it (update() is called with s + 1, the steps done so far):
       first call: store J (t stays at t_start);
       delta = (J_prev - J) / (J_prev + 1e-15);  m <- beta m + (1 - beta) delta
-      t_lin = t_start + (t_end - t_start) * step / total_steps
+      t_lin = t_start + (t_end - t_start) * s / total_steps
       t <- min(t_end, max(t_lin, t + alpha * sigmoid(m) * (1 - t)));  J_prev <- J
+    The floor's s is the reference's (SakanaAI/TAID updates t inside the forward, where Lightning's global_step
+    counts the steps before the current one), so t matches it exactly rather than running (t_end - t_start) /
+    total_steps ahead; t_end is reached by the floor after the last step, as there.
     So t never decreases, never drops below the linear schedule and never exceeds t_end; it moves faster while
     the objective is falling. adaptive=False gives the linear schedule t = min(t_end, t_lin).
     A non-finite J (a diverged step) leaves the state untouched rather than poisoning the momentum forever.
@@ -50,8 +54,9 @@ class TAIDSchedule:
     def update(self, step: int, objective_value: float) -> float:
         """Advance t after optimiser step `step` (steps done so far) whose objective was objective_value.
         Returns the new t."""
+        floor = self.linear(step - 1)  # the steps done before this one: the reference's global_step
         if not self.adaptive:
-            self.t = min(self.t_end, self.linear(step))
+            self.t = min(self.t_end, floor)
             return self.t
         j = float(objective_value)
         if not math.isfinite(j):
@@ -62,7 +67,7 @@ class TAIDSchedule:
         delta = (self.prev_objective - j) / (self.prev_objective + 1e-15)
         self.momentum = self.beta * self.momentum + (1 - self.beta) * delta
         sigmoid_m = 1.0 / (1.0 + math.exp(-self.momentum))
-        self.t = min(self.t_end, max(self.linear(step), self.t + self.alpha * sigmoid_m * (1 - self.t)))
+        self.t = min(self.t_end, max(floor, self.t + self.alpha * sigmoid_m * (1 - self.t)))
         self.prev_objective = j
         return self.t
 

@@ -47,6 +47,7 @@ from kdcache.stages.runtime import all_reduce_sum, autocast, init_distributed, p
 from kdcache.stages.schedules import TAIDSchedule, WarmupCosineLR
 from kdcache.stages.signals import sparse_target
 from kdcache.storage import Store
+from kdcache.storage.files import atomic_write_text
 
 CHECKPOINT_PREFIX = "step-"
 TENSORBOARD_DIR = "tensorboard"
@@ -149,14 +150,6 @@ def student_hidden(student, input_ids: torch.Tensor, positions: torch.Tensor) ->
     The output layer is applied later, chunk by chunk, inside the objective (see output_head)."""
     hidden = student.base_model(input_ids=input_ids).last_hidden_state     # (B, T, H)
     return hidden.flatten(0, 1)[positions]                                  # (N, H)
-
-
-def student_logits(student, input_ids: torch.Tensor, positions: torch.Tensor, return_hidden: bool = False):
-    """All (N, V) logits where the loss is taken at once (benchmarks, small batches); with return_hidden:
-    (logits (N, V), last hidden states (N, H)). Training goes through student_hidden + output_head instead."""
-    hidden = student_hidden(student, input_ids, positions)                  # (N, H)
-    logits = student.get_output_embeddings()(hidden).float()                # (N, V)
-    return (logits, hidden) if return_hidden else logits
 
 
 def output_head(student, device: torch.device, precision: str = "fp32"):
@@ -362,9 +355,7 @@ def _truncate_log(path: Path, step: int) -> None:
     aside and renamed, so a kill during the rewrite cannot lose the lines that are kept."""
     if path.exists():
         lines = [l for l in path.read_text().splitlines() if l.endswith("}") and json.loads(l)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(l + "\n" for l in lines))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(l + "\n" for l in lines))
 
 
 # ---- the committee -------------------------------------------------------------------------------------

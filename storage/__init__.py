@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.storage.codecs import decode_signal, decode_topk, encode_signal, encode_topk
+from kdcache.storage.codecs import decode_signal, encode_signal
 from kdcache.storage.errors import StoreError
 from kdcache.storage.manifest import Manifest, ShardRecord
 from kdcache.storage.store import Store, files_unchanged, make_layout
 
-__all__ = ["Manifest", "ShardRecord", "Store", "StoreError", "decode_signal", "decode_topk", "encode_signal",
-           "encode_topk", "make_layout", "open_store", "read_sequence", "read_shard"]
+__all__ = ["Manifest", "ShardRecord", "Store", "StoreError", "decode_signal", "encode_signal", "make_layout",
+           "open_store", "read_sequence", "read_shard"]
 
 
 def open_store(path: str | Path, expect: dict | None = None) -> Store:

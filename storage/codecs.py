@@ -28,8 +28,6 @@ Decoded (`decode_signal`), the same for every kind:
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from kdcache.storage.errors import StoreError
@@ -402,46 +400,3 @@ def stored_arrays(params: dict) -> dict[str, tuple[str, int | str | None]]:
     if kind == "hybrid":
         out.update(tail_ids=(id_dt, ROWS), tail_counts=("uint8", ROWS))
     return out
-
-
-def encode_topk(ids: np.ndarray, logprobs: np.ndarray, lognorm: np.ndarray, vocab_size: int,
-                value_dtype: str = "float16") -> dict[str, np.ndarray]:
-    """The topk kind of `encode_signal` (kept for existing callers)."""
-    return encode_signal("topk", {"ids": ids, "logprobs": logprobs, "lognorm": lognorm}, vocab_size, value_dtype)
-
-
-def decode_topk(arrays: dict[str, np.ndarray], vocab_size: int = 2**16, value_encoding: str = "float16",
-                ) -> dict[str, np.ndarray]:
-    """Stored top-k arrays -> ids int64, logprobs float32, lognorm float32 (prefer `decode_signal`)."""
-    return decode_signal(arrays, signal_params("topk", vocab_size, value_encoding))
-
-
-def decode_throughput(kind: str = "topk", k: int = 16, value_encoding: str = "float16", vocab_size: int = 49152,
-                      positions: int = 262_144, samples: int = 50, repeats: int = 5, seed: int = 0) -> dict:
-    """Tokens decoded per second (median of `repeats`) on synthetic signals of `positions` positions, in the
-    calling thread: a helper for benchmarks (not a test)."""
-    rng = np.random.default_rng(seed)
-    n, t = positions // 256, 256
-    logits = rng.standard_normal((n, t, k)).astype(np.float32) * 2
-    logprobs = -np.sort(-logits, -1) - 3.0
-    # distinct ids per position, all below vocab_size // 2 (the hybrid tail uses the upper half)
-    ids = rng.integers(0, vocab_size // (2 * k), (n, t, 1)) * k + np.arange(k)                        # (n, t, k)
-    signal = {"ids": ids, "logprobs": logprobs, "lognorm": rng.standard_normal((n, t)).astype(np.float32)}
-    m = min(12, k)
-    counts = np.zeros((n, t, m), np.int64)
-    counts[..., 0] = samples - (m - 1)
-    counts[..., 1:] = 1
-    if kind == "sample":
-        signal = {"ids": ids[..., :m], "counts": counts}
-    elif kind == "hybrid":
-        signal.update(tail_ids=ids[..., :m] + vocab_size // 2, tail_counts=counts)
-    arrays = encode_signal(kind, signal, vocab_size, value_encoding)
-    params = signal_params(kind, vocab_size, value_encoding, k=k, samples=samples)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        decode_signal(arrays, params)
-        times.append(time.perf_counter() - start)
-    seconds = float(np.median(times))
-    return {"kind": kind, "k": k, "value_encoding": value_encoding, "vocab_size": vocab_size,
-            "positions": n * t, "seconds": seconds, "tokens_per_s": n * t / seconds}

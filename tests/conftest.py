@@ -90,6 +90,21 @@ def tiny_overrides(run_dir: Path, teacher: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+
+@pytest.fixture(scope="session")
+def cached_run(tmp_path_factory, tiny_teacher) -> Path:
+    """A run folder with tokens and the tiny teacher's top-k signals (tiny_overrides), built once per session and
+    shared read-only: tests copy it before writing (a student, an evaluation) into it."""
+    from kdcache.pipeline.config import load_config
+    from kdcache.stages import precompute, prepare
+
+    run_dir = tmp_path_factory.mktemp("cached") / "run"
+    cfg = load_config(None, tiny_overrides(run_dir, tiny_teacher))
+    prepare.run(cfg)
+    precompute.run(cfg)
+    return run_dir
+
+
 def train_interrupted(cfg, monkeypatch, after_step: int) -> None:
     """Run train on `cfg` and interrupt it (KeyboardInterrupt, as Ctrl-C) just before step after_step + 1; the
     stage is then ready to be run again, to resume."""

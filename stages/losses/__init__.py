@@ -3,7 +3,9 @@
 Public API
   ObjectiveSpec, compute_objective       the objective the trainer / evaluator call (chunked, with metrics)
   SparseTarget                           the cached teacher signal (a dense (N, V) logit tensor also works)
-  kl, rkl, jsd, tvd, skl, srkl, ce, taid, rank_loss   individual losses (unchunked)
+  divergence(name, ...)                  the KL family by name (unchunked); kl, rkl, jsd, tvd, skl, srkl are
+                                         its shorthands divergence("kl", ...) etc.
+  ce, taid, rank_loss                    the other individual losses (unchunked)
   chunked_sum                            the one chunking helper
   LOSS_NAMES, TAIL_MODES
 Tail modes, the teacher at a temperature and the TAID tail are documented in divergences.py, targets.py, taid.py.
@@ -16,18 +18,17 @@ from typing import Callable
 
 import torch
 
+# the objective names are declared once beside the config (torch-free), which validates train.loss at load
+from kdcache.pipeline.config import LOSS_NAMES
 from kdcache.stages.losses.chunking import chunked_sum
-from kdcache.stages.losses.divergences import (DIVERGENCES, TAIL_MODES, ce, ce_rows, divergence_rows, jsd, kl, rkl, skl,
-                                       srkl, tvd)
+from kdcache.stages.losses.divergences import (TAIL_MODES, ce, ce_rows, divergence, divergence_rows, jsd, kl, rkl,
+                                               skl, srkl, tvd)
 from kdcache.stages.losses.rlkd import rank_loss, rank_rows
 from kdcache.stages.losses.taid import taid, taid_rows
 from kdcache.stages.losses.targets import SparseTarget, Target, compute_dtype, teacher_topk
 
-RLKD_BASES = tuple(DIVERGENCES)                                   # rlkd+<base> for every KL-family divergence
-LOSS_NAMES: tuple[str, ...] = ("ce", *DIVERGENCES, "taid", "rlkd", *(f"rlkd+{b}" for b in RLKD_BASES))
-
 __all__ = ["LOSS_NAMES", "TAIL_MODES", "ObjectiveSpec", "SparseTarget", "chunked_sum", "compute_objective",
-           "ce", "kl", "rkl", "jsd", "tvd", "skl", "srkl", "taid", "rank_loss", "agreement_counts"]
+           "divergence", "ce", "kl", "rkl", "jsd", "tvd", "skl", "srkl", "taid", "rank_loss", "agreement_counts"]
 
 
 @dataclass(frozen=True)

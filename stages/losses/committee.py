@@ -28,7 +28,7 @@ import torch
 from kdcache.stages.losses import ObjectiveSpec, agreement_counts, keeps_vocab_sized_activations, kd_rows
 from kdcache.stages.losses.chunking import chunked_sum
 from kdcache.stages.losses.divergences import ce_rows
-from kdcache.stages.losses.targets import SparseTarget, Target, tail_logmass
+from kdcache.stages.losses.targets import SparseTarget, Target, log_missing_ids, tail_logmass, unused_slots
 
 _LOSS, _KD, _CE, _RANK, _TOP1, _TOP5, _TIED = range(7)
 
@@ -98,20 +98,25 @@ def committee_objective(student_out: torch.Tensor, targets: list[Target], weight
 @torch.no_grad()
 def label_logprobs(targets: list[Target], labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """log p_m(y) of the true next token under every member, tau = 1. targets M x (N, K_m) | (N, V),
-    labels (N,) -> (N, M). Off a sparse support: the tail value log(r_m / (V - K_m))."""
+    labels (N,) -> (N, M). Off a sparse support: the tail value log(r_m / (V - K_m)), K_m counting the used slots
+    of the row only, as the losses do (targets.log_missing_ids), so unused slots change nothing."""
     columns = []
     for target in targets:
         if isinstance(target, SparseTarget):
             logp = target.logprobs.float()                                     # (N, K)
             hit = target.ids == labels[:, None]                                # (N, K)
             on_support = torch.where(hit, logp, torch.full_like(logp, -math.inf)).amax(-1)  # (N,)
-            n_missing = vocab_size - logp.shape[-1]
-            tail = (tail_logmass(logp) - math.log(n_missing) if n_missing > 0
-                    else torch.full_like(on_support, -math.inf))               # (N,)
-            columns.append(torch.where(hit.any(-1), on_support, tail))
+            columns.append(torch.where(hit.any(-1), on_support, _tail_per_id(logp, vocab_size)))
         else:
             columns.append(torch.log_softmax(target.float(), -1).gather(-1, labels[:, None]).squeeze(-1))
     return torch.stack(columns, dim=-1)                                        # (N, M)
+
+
+def _tail_per_id(logp: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log(r / (V - K_used)) per row (N,), -inf where the used slots cover the whole vocabulary (no tail)."""
+    has_tail = (~unused_slots(logp)).sum(-1) < vocab_size                     # (N,)
+    per_id = tail_logmass(logp) - log_missing_ids(logp, vocab_size)           # (N,)
+    return torch.where(has_tail, per_id, torch.full_like(per_id, -math.inf))
 
 
 def mixture_nll(log_weights: torch.Tensor, label_logp: torch.Tensor) -> torch.Tensor:
@@ -122,17 +127,18 @@ def mixture_nll(log_weights: torch.Tensor, label_logp: torch.Tensor) -> torch.Te
 
 @torch.no_grad()
 def member_entropies(targets: list[Target], vocab_size: int) -> torch.Tensor:
-    """Entropy of each member's distribution per position, tau = 1: support cells plus the tail mass spread
-    uniformly over the V - K missing ids (exact for a dense target). M x (N, K_m) | (N, V) -> (N, M)."""
+    """Entropy of each member's distribution per position, tau = 1: the used support cells plus the tail mass
+    spread uniformly over the V - K_used missing ids (label_logprobs' convention; exact for a dense target).
+    M x (N, K_m) | (N, V) -> (N, M)."""
     columns = []
     for target in targets:
         if isinstance(target, SparseTarget):
             logp = target.logprobs.float()                                     # (N, K)
-            h = -(logp.exp() * logp).sum(-1)                                   # (N,)
-            n_missing = vocab_size - logp.shape[-1]
-            if n_missing > 0:
-                log_r = tail_logmass(logp)                                     # (N,)
-                h = h - log_r.exp() * (log_r - math.log(n_missing))
+            # an unused slot (-inf) holds p = 0 and adds 0, not 0 * -inf = nan
+            h = -torch.where(unused_slots(logp), 0.0, logp.exp() * logp).sum(-1)  # (N,)
+            per_id = _tail_per_id(logp, vocab_size)                            # (N,)
+            tail = tail_logmass(logp).exp() * per_id                           # (N,) r log(r / n_missing)
+            h = h - torch.where(torch.isfinite(per_id), tail, torch.zeros_like(tail))
         else:
             logp = torch.log_softmax(target.float(), -1)                       # (N, V)
             h = -(logp.exp() * logp).sum(-1)

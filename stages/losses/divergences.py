@@ -21,6 +21,7 @@ The `*_rows` variants return per-position losses (N,) for unmasked inputs; `comp
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -29,7 +30,7 @@ from kdcache.stages.losses.support import scaled_logits, support_logsumexp
 from kdcache.stages.losses.targets import (SparseTarget, Target, compute_dtype, log_missing_ids, teacher_support,
                                    unused_slots)
 
-TAIL_MODES = ("bucket", "renorm", "uniform")
+from kdcache.pipeline.config import DIVERGENCE_NAMES, TAIL_MODES  # the names live with the config (torch-free)
 
 
 # ----------------------------------------------------------------------------------------------- alignment
@@ -157,8 +158,8 @@ def ce_rows(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return lse - z_y.squeeze(-1)
 
 
-DIVERGENCES: dict[str, Callable] = {"kl": kl_cells, "rkl": rkl_cells, "jsd": jsd_cells, "tvd": tvd_cells,
-                                    "skl": skl_cells, "srkl": srkl_cells}
+# one cell function per name the config accepts (pipeline.config.DIVERGENCE_NAMES)
+DIVERGENCES: dict[str, Callable] = {name: globals()[f"{name}_cells"] for name in DIVERGENCE_NAMES}
 
 
 # ------------------------------------------------------------------------------------- public (sum, count)
@@ -175,44 +176,22 @@ def masked_sum(rows_fn: Callable, student_logits: torch.Tensor, target, mask: to
     return rows_fn(student_logits, target).sum(), n_tokens
 
 
-def kl(student_logits, target, mask, *, tail="bucket", temperature=1.0):
-    """Forward KL(p || q). student_logits (N, V), target SparseTarget (N, K) | teacher logits (N, V),
-    mask (N,) bool -> (loss_sum, n_tokens)."""
-    return masked_sum(lambda z, t: divergence_rows("kl", z, t, tail=tail, temperature=temperature),
+def divergence(name: str, student_logits: torch.Tensor, target: Target, mask: torch.Tensor, *, tail: str = "bucket",
+               temperature: float = 1.0, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL-family divergence `name` over the masked positions: kl = KL(p || q), rkl = KL(q || p), jsd = generalised
+    JSD(jsd_beta), tvd = total variation, skl = KL(p || a p + (1 - a) q), srkl = KL(q || a q + (1 - a) p) with
+    a = skew_alpha. student_logits (N, V), target SparseTarget (N, K) | teacher logits (N, V), mask (N,) bool
+    -> (loss_sum, n_tokens)."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(DIVERGENCES)}")
+    return masked_sum(lambda z, t: divergence_rows(name, z, t, tail=tail, temperature=temperature,
+                                                   jsd_beta=jsd_beta, skew_alpha=skew_alpha),
                       student_logits, target, mask)
 
 
-def rkl(student_logits, target, mask, *, tail="bucket", temperature=1.0):
-    """Reverse KL(q || p). Shapes as `kl`."""
-    return masked_sum(lambda z, t: divergence_rows("rkl", z, t, tail=tail, temperature=temperature),
-                      student_logits, target, mask)
-
-
-def jsd(student_logits, target, mask, *, tail="bucket", temperature=1.0, jsd_beta=0.5):
-    """Generalised JSD(beta). Shapes as `kl`."""
-    return masked_sum(lambda z, t: divergence_rows("jsd", z, t, tail=tail, temperature=temperature,
-                                                   jsd_beta=jsd_beta),
-                      student_logits, target, mask)
-
-
-def tvd(student_logits, target, mask, *, tail="bucket", temperature=1.0):
-    """Total variation distance. Shapes as `kl`."""
-    return masked_sum(lambda z, t: divergence_rows("tvd", z, t, tail=tail, temperature=temperature),
-                      student_logits, target, mask)
-
-
-def skl(student_logits, target, mask, *, tail="bucket", temperature=1.0, skew_alpha=0.1):
-    """Skew KL(p || a p + (1 - a) q). Shapes as `kl`."""
-    return masked_sum(lambda z, t: divergence_rows("skl", z, t, tail=tail, temperature=temperature,
-                                                   skew_alpha=skew_alpha),
-                      student_logits, target, mask)
-
-
-def srkl(student_logits, target, mask, *, tail="bucket", temperature=1.0, skew_alpha=0.1):
-    """Skew reverse KL(q || a q + (1 - a) p). Shapes as `kl`."""
-    return masked_sum(lambda z, t: divergence_rows("srkl", z, t, tail=tail, temperature=temperature,
-                                                   skew_alpha=skew_alpha),
-                      student_logits, target, mask)
+# the public shorthands of the losses package: kl(z, target, mask, tail=...) is divergence("kl", z, target, mask, ...)
+kl, rkl, jsd, tvd, skl, srkl = (partial(divergence, name) for name in ("kl", "rkl", "jsd", "tvd", "skl", "srkl"))
 
 
 def ce(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,13 @@ teacher's support gets the tail value log(r / (V - K)) (all such ids tie). Unuse
 no peaks: a row with fewer than k drawn ids ranks only those. The soft rank is a pairwise-sigmoid
 rank, rank_i = sum_j sigmoid((x_i - x_j) / rank_temperature), cheap for k <= 32 and differentiable (torchsort
 ships no wheels). L_rank lies in [0, 2]: 0 for identical orders, 2 for reversed ones.
+
+Scale against the reference: the objective (losses.kd_rows) is rlkd_weight * L_rank + L_base with rlkd_weight 2,
+the paper's L = 2 L_rank + L_KD as DESIGN.md states it; the official code computes L_rank + L_KD / 2, exactly half
+of it. Same minimiser and same gradient direction; only the scale differs, which AdamW's update (invariant to a
+constant loss scale up to its eps) all but ignores. Kept at the paper's scale so the logged kd/rank values read as
+the paper's; to reproduce the reference's loss values, halve the logged KD (or its learning rate under plain SGD).
+tests/unit/test_losses_taid_rlkd.py pins the relation.
 """
 from __future__ import annotations
 

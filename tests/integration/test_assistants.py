@@ -11,7 +11,7 @@ import pytest
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.config import load_config
 from kdcache.pipeline.errors import KdcacheError
-from kdcache.stages import assistants, precompute, prepare
+from kdcache.stages import assistants, precompute
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -19,15 +19,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 TINY_TA = {"assistants.grid": "0.2,0.4,0.6", "assistants.steps": 4, "assistants.calibration_sequences": 8,
            "assistants.batch_size": 4, "assistants.lr": 3e-3, "assistants.warmup_steps": 1}
-
-
-@pytest.fixture(scope="module")
-def cached_run(tmp_path_factory, tiny_teacher):
-    run_dir = tmp_path_factory.mktemp("ta-cached") / "run"
-    cfg = load_config(None, tiny_overrides(run_dir, tiny_teacher))
-    prepare.run(cfg)
-    precompute.run(cfg)
-    return run_dir
 
 
 def _cfg(tmp_path, cached_run, teacher, **extra):

@@ -9,7 +9,7 @@ import pytest
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.config import load_config
 from kdcache.pipeline.errors import KdcacheError
-from kdcache.stages import hub, precompute, prepare
+from kdcache.stages import hub, prepare
 from kdcache.stages.models import resolve_model_path
 from tests.conftest import tiny_overrides
 from tests.reliability.conftest import one_error_line
@@ -33,16 +33,6 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(hub, "_FOUND", set())
     return attempts
-
-
-@pytest.fixture(scope="module")
-def cached_run(tmp_path_factory, tiny_teacher):
-    """Tokens and the teacher's signals, so `train` gets as far as building the student."""
-    run_dir = tmp_path_factory.mktemp("local-paths") / "run"
-    cfg = load_config(None, tiny_overrides(run_dir, tiny_teacher))
-    prepare.run(cfg)
-    precompute.run(cfg)
-    return run_dir
 
 
 def _args(run_dir, teacher, command, **extra):

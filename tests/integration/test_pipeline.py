@@ -11,20 +11,10 @@ import torch
 
 from kdcache.pipeline.cli import main
 from kdcache.pipeline.config import load_config
-from kdcache.stages import evaluate, precompute, prepare, train
+from kdcache.stages import evaluate, precompute, train
 from tests.conftest import build_tiny_model, build_tokenizer, tiny_overrides, train_interrupted
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cached_run(tmp_path_factory, tiny_teacher):
-    """A run folder with tokens and teacher signals, shared (read-only) by the tests below."""
-    run_dir = tmp_path_factory.mktemp("cached") / "run"
-    cfg = load_config(None, tiny_overrides(run_dir, tiny_teacher))
-    prepare.run(cfg)
-    precompute.run(cfg)
-    return run_dir
 
 
 def _cfg(tmp_path, cached_run, teacher, **extra):

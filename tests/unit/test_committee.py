@@ -207,3 +207,27 @@ def test_token_class_of_the_decoded_text(text, expected):
     from kdcache.stages.committee import token_class
 
     assert token_class(text) == expected
+
+
+def _with_unused_slots(target: SparseTarget, extra: int = 3) -> SparseTarget:
+    """The same support with `extra` unused slots appended (-inf, id repeating the row's first id), as the
+    sampled kinds pad their rows."""
+    n = len(target)
+    return SparseTarget(ids=torch.cat([target.ids, target.ids[:, :1].expand(n, extra)], -1),
+                        logprobs=torch.cat([target.logprobs, torch.full((n, extra), -math.inf)], -1),
+                        lognorm=target.lognorm)
+
+
+def test_label_logprobs_and_entropies_count_used_slots_only_like_the_losses():
+    """The tail is spread over V - (used slots), the count the losses use: padding a target with unused slots
+    changes neither the label log-probs nor the entropies (before, the tail was spread over V - all slots and an
+    unused slot's 0 * -inf made the entropy NaN)."""
+    z, targets, labels = _inputs()
+    padded = [_with_unused_slots(t) for t in targets]
+    torch.testing.assert_close(cl.label_logprobs(padded, labels, V), cl.label_logprobs(targets, labels, V))
+    torch.testing.assert_close(cl.member_entropies(padded, V), cl.member_entropies(targets, V))
+    # a row whose used slots are the whole vocabulary has no tail, whatever padding follows
+    full = _with_unused_slots(_sparse(torch.randn(N, V), V))
+    assert bool(torch.isfinite(cl.member_entropies([full], V)).all())
+    off = torch.full((N,), V - 1)
+    assert bool(torch.isfinite(cl.label_logprobs([full], off, V)).all())

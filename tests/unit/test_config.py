@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from kdcache.pipeline.cli import main
 from kdcache.pipeline.config import Config, load_config
 from kdcache.pipeline.errors import KdcacheError
 
@@ -167,3 +168,141 @@ def test_a_recorded_config_reads_back_its_local_paths_from_any_folder(tmp_path, 
     assert again.precompute.teacher == str(tmp_path / "work" / "my-teacher")
     assert again.precompute.members == [f"side={tmp_path / 'work' / 'my-teacher'}"]
     assert (again.train.student, again.prepare.dataset) == ("layerdrop:2", "default")  # specs, not paths
+
+
+# every field with a closed set or a range, one invalid value each: (override, the field the error must name)
+INVALID_FIELDS = [
+    ("run_dir=", "run_dir"),
+    ("prepare.dataset=", "prepare.dataset"),
+    ("prepare.dataset_config=''", "prepare.dataset_config"),
+    ("prepare.dataset_split=", "prepare.dataset_split"),
+    ("prepare.format=markdown", "prepare.format"),
+    ("prepare.text_field=", "prepare.text_field"),
+    ("prepare.seq_len=7", "prepare.seq_len"),
+    ("prepare.validation_fraction=0", "prepare.validation_fraction"),
+    ("prepare.validation_fraction=1", "prepare.validation_fraction"),
+    ("prepare.max_train_sequences=0", "prepare.max_train_sequences"),
+    ("prepare.max_validation_sequences=0", "prepare.max_validation_sequences"),
+    ("prepare.truncation=left", "prepare.truncation"),
+    ("prepare.shard_sequences=0", "prepare.shard_sequences"),
+    ("prepare.seed=-1", "prepare.seed"),
+    ("prepare.tokenizer=", "prepare.tokenizer"),
+    ("prepare.backend=hdf5", "prepare.backend"),
+    ("precompute.teacher=", "precompute.teacher"),
+    ("precompute.signal=dense", "precompute.signal"),
+    ("precompute.k=0", "precompute.k"),
+    ("precompute.samples=0", "precompute.samples"),
+    ("precompute.samples=256", "precompute.samples"),
+    ("precompute.draws=stratified", "precompute.draws"),
+    ("precompute.seed=-1", "precompute.seed"),
+    ("precompute.value_encoding=int4", "precompute.value_encoding"),
+    ("precompute.batch_size=0", "precompute.batch_size"),
+    ("precompute.scheduler=threads", "precompute.scheduler"),
+    ("precompute.workers=0", "precompute.workers"),
+    ("precompute.threads_per_worker=0", "precompute.threads_per_worker"),
+    ("precompute.retries=-1", "precompute.retries"),
+    ("precompute.worker_timeout=0", "precompute.worker_timeout"),
+    ("precompute.backend=parquet", "precompute.backend"),
+    ("precompute.members=[nameonly]", "precompute.members"),
+    ("train.student=", "train.student"),
+    ("train.source=../x", "train.source"),
+    ("train.loss=nonsense", "train.loss"),
+    ("train.tail=cut", "train.tail"),
+    ("train.temperature=0", "train.temperature"),
+    ("train.ce_weight=1.5", "train.ce_weight"),
+    ("train.jsd_beta=0", "train.jsd_beta"),
+    ("train.skew_alpha=-0.1", "train.skew_alpha"),
+    ("train.taid_t_start=-0.1", "taid_t_start"),
+    ("train.taid_alpha=-1", "train.taid_alpha"),
+    ("train.taid_beta=1", "train.taid_beta"),
+    ("train.rlkd_k=0", "train.rlkd_k"),
+    ("train.rlkd_weight=-1", "train.rlkd_weight"),
+    ("train.lr=0", "train.lr"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+    ("train.min_lr_ratio=-0.5", "train.min_lr_ratio"),
+    ("train.weight_decay=-0.01", "train.weight_decay"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.grad_accum=0", "train.grad_accum"),
+    ("train.clip_grad_norm=-1", "train.clip_grad_norm"),
+    ("train.clip_grad_norm=0", "train.clip_grad_norm"),
+    ("train.checkpoint_every=0", "train.checkpoint_every"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.seed=-1", "train.seed"),
+    ("train.device=tpu", "train.device"),
+    ("train.device=cuda:x", "train.device"),
+    ("train.device=cpu:0", "train.device"),
+    ("train.precision=fp16", "train.precision"),
+    ("train.prefetch=-1", "train.prefetch"),
+    ("train.chunk_size=0", "train.chunk_size"),
+    ("train.output=tokens", "train.output"),
+    ("train.committee=[a,a]", "train.committee"),
+    ("train.committee_weights=vote", "train.committee_weights"),
+    ("train.committee_dim=0", "train.committee_dim"),
+    ("train.committee_lr=0", "train.committee_lr"),
+    ("evaluate.batch_size=0", "evaluate.batch_size"),
+    ("evaluate.max_sequences=0", "evaluate.max_sequences"),
+    ("assistants.grid=0.5,1.5", "assistants.grid"),
+    ("assistants.tradeoff_lambda=-1", "assistants.tradeoff_lambda"),
+    ("assistants.max_sparsity=2", "assistants.max_sparsity"),
+    ("assistants.min_size_over_student=-1", "assistants.min_size_over_student"),
+    ("assistants.calibration_sequences=0", "assistants.calibration_sequences"),
+    ("assistants.steps=0", "assistants.steps"),
+    ("assistants.middle_widths=-1", "assistants.middle_widths"),
+    ("assistants.batch_size=0", "assistants.batch_size"),
+    ("assistants.lr=0", "assistants.lr"),
+    ("assistants.warmup_steps=-1", "assistants.warmup_steps"),
+    ("assistants.min_lr_ratio=2", "assistants.min_lr_ratio"),
+    ("assistants.weight_decay=-1", "assistants.weight_decay"),
+    ("assistants.clip_grad_norm=-1", "assistants.clip_grad_norm"),
+    ("assistants.eval_sequences=0", "assistants.eval_sequences"),
+    ("assistants.source=teacher", "assistants.source"),
+    ("assistants.seed=-1", "assistants.seed"),
+]
+
+
+@pytest.mark.parametrize("override, key", INVALID_FIELDS, ids=[o for o, _ in INVALID_FIELDS])
+def test_every_invalid_field_is_a_one_line_error_at_load(override, key):
+    with pytest.raises(KdcacheError) as info:
+        load_config(None, [override])
+    message = str(info.value)
+    assert message.startswith("invalid config: ") and key in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("override, key", INVALID_FIELDS, ids=[o for o, _ in INVALID_FIELDS])
+def test_every_invalid_field_stops_the_cli_before_any_work(override, key, tmp_path, capsys, monkeypatch):
+    import kdcache.stages.train
+
+    # the stage must never be reached: a config error is raised while the options are read
+    monkeypatch.setattr(kdcache.stages.train, "run", lambda *a, **k: pytest.fail("train ran with an invalid config"))
+    run_dir = [] if override.startswith("run_dir=") else ["--run-dir", str(tmp_path / "run")]
+    assert main(["train", "-s", override, *run_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kdcache: error: invalid config: ") and key in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_valid_devices_and_schedulers_load():
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert load_config(None, [f"train.device={device}"]).train.device == device
+    for scheduler in ("local", "sync", "tcp://10.0.0.1:8786"):
+        assert load_config(None, [f"precompute.scheduler={scheduler}"]).precompute.scheduler == scheduler
+
+
+def test_choice_lists_agree_with_the_layers_that_cannot_import_them():
+    """storage/ imports nothing above it, so it keeps its own copies of these lists: they must stay equal."""
+    from kdcache.pipeline import config
+    from kdcache.storage import codecs, store
+
+    assert (codecs.KINDS, codecs.VALUE_ENCODINGS, codecs.MAX_SAMPLES) == \
+        (config.SIGNAL_KINDS, config.VALUE_ENCODINGS, config.MAX_SAMPLES)
+    assert sorted(store.BACKENDS) == sorted(config.BACKENDS)
+
+
+@pytest.mark.parametrize("command", ["precompute", "run"])
+def test_a_scheduler_typo_on_the_command_line_stops_before_any_work(command, tmp_path, capsys):
+    assert main([command, "--scheduler", "threads", "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == "kdcache: error: invalid config: --scheduler 'threads' is not local, sync or " \
+                                      "a scheduler address like tcp://host:8786\n"
+    assert not (tmp_path / "run").exists()

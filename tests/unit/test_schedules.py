@@ -13,7 +13,7 @@ from kdcache.stages.schedules import TAIDSchedule, WarmupCosineLR
 def test_taid_hand_computed_sequence():
     """total 100, alpha 0.5, beta 0.9, J = 2.0, 1.0, 1.5, 1.5:
     step 1  store J=2; t = 0.4
-    step 2  delta = (2 - 1)/2 = 0.5;  m = 0.1*0.5 = 0.05;   t_lin = 0.412
+    step 2  delta = (2 - 1)/2 = 0.5;  m = 0.1*0.5 = 0.05;   t_lin = 0.4 + 0.6*1/100 = 0.406 (1 step done before)
             t = 0.4 + 0.5*sigmoid(0.05)*0.6 = 0.4 + 0.5*0.5124973965*0.6 = 0.5537492189
     step 3  delta = (1 - 1.5)/1 = -0.5;  m = 0.9*0.05 - 0.05 = -0.005
             t = 0.5537492189 + 0.5*sigmoid(-0.005)*(1 - 0.5537492189) = 0.5537492189 + 0.1112837891 = 0.6650330081
@@ -33,14 +33,15 @@ def test_taid_hand_computed_sequence_with_the_default_hyper_parameters():
     """alpha 5e-4, beta 0.99, J = 2.0, 1.0, 1.0, 0.5.
     total 10000 (the adaptive term leads):
       step 1  store J; t = 0.4
-      step 2  delta = 0.5; m = 0.01*0.5 = 0.005; t = 0.4 + 5e-4*sigmoid(0.005)*0.6 = 0.4001503750  (t_lin 0.40012)
+      step 2  delta = 0.5; m = 0.01*0.5 = 0.005; t = 0.4 + 5e-4*sigmoid(0.005)*0.6 = 0.4001503750  (t_lin 0.40006)
       step 3  delta = 0; m = 0.00495; t = 0.4001503750 + 5e-4*sigmoid(0.00495)*0.5998496250 = 0.4003007086
       step 4  delta = 0.5; m = 0.99*0.00495 + 0.005 = 0.0099005;
               t = 0.4003007086 + 5e-4*sigmoid(0.0099005)*0.5996992914 = 0.4004513755
-    total 1000: the adaptive step is at most alpha*(1 - t) = 3e-4 < the linear 6e-4 per step, so t = t_lin:
-      0.4, 0.4012, 0.4018, 0.4024 (the momentum evolves the same)."""
+    total 1000: the adaptive step is at most alpha*(1 - t) = 3e-4 < the linear 6e-4 per step, so t = t_lin of
+      the steps done before each update (the reference's global_step 0, 1, 2, 3):
+      0.4, 0.4006, 0.4012, 0.4018 (the momentum evolves the same)."""
     for total, expected in [(10000, [0.4, 0.4001503750, 0.4003007086, 0.4004513755]),
-                            (1000, [0.4, 0.4012, 0.4018, 0.4024])]:
+                            (1000, [0.4, 0.4006, 0.4012, 0.4018])]:
         sched = TAIDSchedule(total_steps=total)
         got = [sched.update(step, j) for step, j in enumerate([2.0, 1.0, 1.0, 0.5], start=1)]
         assert got == pytest.approx(expected, abs=1e-10), total
@@ -56,7 +57,7 @@ def test_taid_is_monotone_bounded_and_never_below_linear():
         assert t >= previous - 1e-15
         assert t <= 0.9
         if step > 1:  # the first call only stores J (t stays t_start), the rule applies from the second on
-            assert t >= min(0.9, 0.2 + 0.7 * step / 50) - 1e-12
+            assert t >= min(0.9, 0.2 + 0.7 * (step - 1) / 50) - 1e-12  # the floor of the steps before it
         previous = t
     assert sched.t == 0.9  # reached the cap
 
@@ -65,13 +66,13 @@ def test_taid_linear_floor_dominates_with_tiny_alpha():
     sched = TAIDSchedule(total_steps=10, alpha=0.0)
     for step in range(1, 11):
         sched.update(step, 1.0 / step)
-    assert sched.t == pytest.approx(1.0)
+    assert sched.t == pytest.approx(0.94)  # the floor of 9 steps done before the 10th: t_end comes after the last
     assert sched.update(11, 0.05) == 1.0
 
 
 def test_taid_non_adaptive_is_linear():
     sched = TAIDSchedule(total_steps=4, t_start=0.4, t_end=1.0, adaptive=False)
-    assert [sched.update(s, 100.0 / s) for s in range(1, 6)] == pytest.approx([0.55, 0.7, 0.85, 1.0, 1.0])
+    assert [sched.update(s, 100.0 / s) for s in range(1, 6)] == pytest.approx([0.4, 0.55, 0.7, 0.85, 1.0])
 
 
 def test_taid_ignores_non_finite_objective():
@@ -171,10 +172,11 @@ def test_taid_extension_keeps_the_linear_floor_continuous_up_to_t_end_at_the_new
     sched = TAIDSchedule(total_steps=10, t_start=0.4, t_end=1.0, adaptive=False)
     for step in range(1, 6):
         sched.update(step, 1.0)
-    assert sched.t == pytest.approx(0.7)
+    assert sched.t == pytest.approx(0.64)                      # the floor after 4 steps done before the 5th
     sched.extend(5, 25)                                        # the floor now runs from 0.7 at step 5 to 1.0 at 25
     assert sched.linear(5) == pytest.approx(0.7) and sched.linear(15) == pytest.approx(0.85)
-    assert [sched.update(s, 1.0) for s in (6, 25, 30)] == pytest.approx([0.715, 1.0, 1.0])
+    # the 6th update continues the old floor exactly (0.7, 5 steps done), the 26th reaches t_end
+    assert [sched.update(s, 1.0) for s in (6, 25, 26, 30)] == pytest.approx([0.7, 0.985, 1.0, 1.0])
     state = json.loads(json.dumps(sched.state_dict()))
     resumed = TAIDSchedule(total_steps=10, t_start=0.4, t_end=1.0, adaptive=False)
     resumed.load_state_dict(state)
@@ -184,3 +186,32 @@ def test_taid_extension_keeps_the_linear_floor_continuous_up_to_t_end_at_the_new
         finished.update(step, 1.0)
     finished.extend(4, 8)                                      # a finished run stays at t_end
     assert [finished.update(s, 1.0) for s in range(5, 9)] == [1.0] * 4
+
+
+def _reference_taid_t(objectives: list[float], total: int, t_start=0.4, t_end=1.0, alpha=5e-4, beta=0.99,
+                      adaptive=True) -> list[float]:
+    """SakanaAI/TAID's update_t, transcribed: called in the forward of each step with Lightning's global_step,
+    the number of optimiser steps done *before* that step; the first call only stores the loss."""
+    t, momentum, prev, out = t_start, 0.0, math.inf, []
+    for global_step, loss in enumerate(objectives):
+        if math.isinf(prev):
+            prev = loss
+        else:
+            momentum = beta * momentum + (1 - beta) * (prev - loss) / (prev + 1e-15)
+            target = t_start + (t_end - t_start) * global_step / total
+            delta = alpha * (1.0 / (1.0 + math.exp(-momentum))) * (1 - t)
+            t = min(t_end, max(target, t + delta)) if adaptive else target
+            prev = loss
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("total, alpha, adaptive", [(12, 5e-4, True), (12, 0.3, True), (12, 5e-4, False),
+                                                    (200, 0.05, True)])
+def test_taid_t_matches_the_reference_update_step_by_step(total, alpha, adaptive):
+    """The linear floor counts the steps done before the update, as the reference does: with the steps done after
+    it (the old rule) t ran (t_end - t_start) / total_steps ahead wherever the floor leads."""
+    objectives = [3.0, 2.5, 2.7, 2.0, 1.9, 2.2, 1.5, 1.4, 1.45, 1.2, 1.1, 1.0]
+    sched = TAIDSchedule(total_steps=total, alpha=alpha, adaptive=adaptive)
+    ours = [sched.update(step, j) for step, j in enumerate(objectives, start=1)]
+    assert ours == pytest.approx(_reference_taid_t(objectives, total, alpha=alpha, adaptive=adaptive), abs=1e-12)

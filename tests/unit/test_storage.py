@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from kdcache.storage import Manifest, Store, StoreError, decode_topk, encode_topk, make_layout, open_store, read_sequence
+from kdcache.storage import Manifest, Store, StoreError, make_layout, open_store, read_sequence
+from kdcache.storage.codecs import decode_signal, encode_signal, signal_params
 from kdcache.storage.manifest import read_manifest
 
 
@@ -116,6 +117,14 @@ def test_manifest_roundtrip_and_tampered_shard_name(tmp_path):
     assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     with pytest.raises(StoreError, match="invalid shard name"):
         store.shard_dir("../../etc")
+
+
+def encode_topk(ids, logprobs, lognorm, vocab_size, value_encoding="float16"):
+    return encode_signal("topk", {"ids": ids, "logprobs": logprobs, "lognorm": lognorm}, vocab_size, value_encoding)
+
+
+def decode_topk(arrays, vocab_size, value_encoding="float16"):
+    return decode_signal(arrays, signal_params("topk", vocab_size, value_encoding))
 
 
 def test_topk_codec_uses_uint16_or_packed_ids_and_fp16_values():
