@@ -9,14 +9,17 @@ import errno
 import json
 import os
 from bisect import bisect_right
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 
 from kdcache.storage.errors import StoreError
 
-FORMAT_VERSION = 1
+# 2: the layout is stored as split sizes + shard_sequences (derived, not listed) and the committed shards as
+# columns; version 1 listed a record per shard twice (the layout and the shards), parsed whole by every task
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -44,6 +47,131 @@ class ShardRecord:
         return ShardRecord(**d)
 
 
+class Layout(Sequence):
+    """Every shard a store will hold, in order: derived from the split sizes and `shard_sequences` (make_layout's
+    cut), so a store of 10^5 shards stores and compares two numbers per split, and a shard is found by its name in
+    O(1) without building the others. A layout that is not such a cut (hand-made, e.g. tests) keeps its records.
+    The spec is canonical (empty splits dropped, shard_sequences capped at the largest split), so equal layouts have
+    equal specs and equal identities."""
+
+    __slots__ = ("splits", "shard_sequences", "_records", "_offsets", "_by_name")
+
+    def __init__(self, splits=(), shard_sequences: int = 1, records: tuple | None = None):
+        self._by_name = None
+        if records is not None:
+            self.splits, self.shard_sequences, self._records = None, None, tuple(records)
+            self._offsets = None
+            return
+        splits = tuple((str(k), int(n)) for k, n in splits if int(n) > 0)
+        if int(shard_sequences) < 1:
+            raise StoreError(f"shard_sequences must be at least 1, not {shard_sequences}")
+        self.splits = splits
+        self.shard_sequences = min(int(shard_sequences), max((n for _, n in splits), default=1))
+        self._records = None
+        offsets, total = [], 0
+        for _, n in splits:
+            offsets.append(total)
+            total += -(-n // self.shard_sequences)
+        self._offsets = (tuple(offsets), total)
+
+    @staticmethod
+    def of(records) -> "Layout":
+        """A Layout from shard records: the derived form when they are make_layout's cut (checked once, O(n))."""
+        if isinstance(records, Layout):
+            return records
+        records = tuple(records)
+        sizes: dict[str, int] = {}
+        for r in records:
+            sizes[r.split] = r.start + r.count
+        derived = Layout(tuple(sizes.items()), max((r.count for r in records), default=1) or 1)
+        if len(derived) == len(records) and all(a == b for a, b in zip(derived, records)):
+            return derived
+        return Layout(records=records)
+
+    @property
+    def derived(self) -> bool:
+        return self._records is None
+
+    def __len__(self) -> int:
+        return len(self._records) if self._records is not None else self._offsets[1]
+
+    def _record(self, i: int) -> ShardRecord:
+        offsets = self._offsets[0]
+        j = bisect_right(offsets, i) - 1
+        split, n = self.splits[j]
+        k = i - offsets[j]
+        start = k * self.shard_sequences
+        return ShardRecord(name=f"{split}-{k:05d}", split=split, start=start, count=min(self.shard_sequences, n - start))
+
+    def __getitem__(self, i):
+        if self._records is not None:
+            return self._records[i]
+        if isinstance(i, slice):
+            return tuple(self._record(j) for j in range(*i.indices(len(self))))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("layout index out of range")
+        return self._record(i)
+
+    def __iter__(self):
+        if self._records is not None:
+            yield from self._records
+            return
+        for split, n in self.splits:
+            for k, start in enumerate(range(0, n, self.shard_sequences)):
+                yield ShardRecord(name=f"{split}-{k:05d}", split=split, start=start,
+                                  count=min(self.shard_sequences, n - start))
+
+    def get(self, name: str) -> ShardRecord | None:
+        """The shard called `name` (None if the layout has none): O(1), parsed from the name when derived."""
+        if self._records is not None:
+            if self._by_name is None:
+                self._by_name = {r.name: r for r in self._records}
+            return self._by_name.get(name)
+        split, _, number = name.rpartition("-")
+        if not number.isdigit() or len(number) < 5 or (len(number) > 5 and number[0] == "0"):
+            return None
+        for j, (s, n) in enumerate(self.splits):
+            if s == split:
+                start = int(number) * self.shard_sequences
+                if start >= n:
+                    return None
+                return ShardRecord(name=name, split=split, start=start, count=min(self.shard_sequences, n - start))
+        return None
+
+    def __contains__(self, item) -> bool:
+        if isinstance(item, str):
+            return self.get(item) is not None
+        return isinstance(item, ShardRecord) and self.get(item.name) == item
+
+    def spec(self):
+        """What the manifest stores: {"splits": [[split, n], ...], "shard_sequences": s} (derived) or
+        {"records": [[name, split, start, count], ...]}."""
+        if self._records is None:
+            return {"splits": [list(p) for p in self.splits], "shard_sequences": self.shard_sequences}
+        return {"records": [[r.name, r.split, r.start, r.count] for r in self._records]}
+
+    @staticmethod
+    def from_spec(d: dict) -> "Layout":
+        if "records" in d:
+            return Layout(records=tuple(ShardRecord(*r) for r in d["records"]))
+        return Layout(tuple((s, n) for s, n in d["splits"]), d["shard_sequences"])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Layout) and self.derived and other.derived:
+            return (self.splits, self.shard_sequences) == (other.splits, other.shard_sequences)
+        if isinstance(other, (Layout, tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(json.dumps(self.spec()))
+
+    def __repr__(self) -> str:
+        return f"Layout({self.spec() if self.derived else len(self)})"
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a store holds.
@@ -52,8 +180,9 @@ class Manifest:
     backend:       "zarr" or "arrow"
     fingerprints:  name -> fingerprint of each input (dataset, tokenizer, teacher, token store ...)
     params:        everything a reader needs to interpret the arrays (seq_len, vocab_size, k, dtypes ...)
-    layout:        every shard the store will hold (name, split, start, count), checksum empty
-    shards:        the committed shards, with checksums
+    layout:        every shard the store will hold (name, split, start, count), checksum empty: a Layout, derived
+                   from split sizes + shard_sequences (a tuple of records given here is turned into one)
+    shards:        the committed shards, with checksums, in layout order
     """
 
     kind: str
@@ -64,10 +193,20 @@ class Manifest:
     shards: tuple[ShardRecord, ...] = ()
     format_version: int = FORMAT_VERSION
     code_version: str = field(default_factory=code_version)
+    # shard name -> what a listing of the shards folder said about the shard when its record was gathered (local:
+    # the folder's inode and ctime; an object store would give the commit record's ETag): a refresh rereads the
+    # commit record only of a shard whose tag changed. A hint, not part of what the store is (not compared).
+    tags: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.layout, Layout):
+            object.__setattr__(self, "layout", Layout.of(self.layout))
+        object.__setattr__(self, "shards", tuple(self.shards))
 
     @property
     def complete(self) -> bool:
-        return {s.name for s in self.layout} == {s.name for s in self.shards}
+        # the committed shards are a subset of the layout (refresh_manifest takes them from it), so counting is enough
+        return len(self.layout) == len(self.shards)
 
     def splits(self) -> dict[str, list[ShardRecord]]:
         """Committed shards grouped by split, in sequence order."""
@@ -97,31 +236,54 @@ class Manifest:
     def _split_starts(self) -> dict[str, tuple[list[int], list[ShardRecord]]]:
         return {split: ([r.start for r in records], records) for split, records in self.splits().items()}
 
+    def nbytes(self) -> int:
+        """Bytes of the committed shards' data files, as recorded when each was committed (no file is looked at)."""
+        return sum(s.nbytes for s in self.shards)
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layout"] = [asdict(s) for s in self.layout]
-        d["shards"] = [asdict(s) for s in self.shards]
+        """The JSON form: the layout as its spec, the committed shards as columns (one list per field, in layout
+        order), so a store of 10^5 shards has a compact manifest that parses in a fraction of a second."""
+        d = {"kind": self.kind, "backend": self.backend, "fingerprints": self.fingerprints, "params": self.params,
+             "format_version": self.format_version, "code_version": self.code_version}
+        d["layout"] = self.layout.spec()
+        d["shards"] = {"name": [s.name for s in self.shards], "checksum": [s.checksum for s in self.shards],
+                       "nbytes": [s.nbytes for s in self.shards], "content": [s.content for s in self.shards],
+                       "tag": [self.tags.get(s.name, "") for s in self.shards]}
         d["complete"] = self.complete
+        d["shards_committed"] = len(self.shards)
+        d["nbytes"] = self.nbytes()
         return d
 
     @staticmethod
     def from_dict(d: dict) -> "Manifest":
         d = dict(d)
-        d.pop("complete", None)
+        for derived in ("complete", "shards_committed", "nbytes"):
+            d.pop(derived, None)
         if d.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"store format version {d.get('format_version')} is not supported "
-                             f"(this kdcache reads version {FORMAT_VERSION}): rewrite the store")
-        d["layout"] = tuple(ShardRecord.from_dict(s) for s in d.get("layout", []))
-        d["shards"] = tuple(ShardRecord.from_dict(s) for s in d.get("shards", []))
+            raise StoreError(f"store format version {d.get('format_version')} is not supported (this kdcache reads "
+                             f"version {FORMAT_VERSION}): delete the store and rerun the stage that wrote it")
+        layout = Layout.from_spec(d.get("layout") or {"splits": [], "shard_sequences": 1})
+        cols = d.get("shards") or {"name": [], "checksum": [], "nbytes": [], "content": []}
+        shards = []
+        for name, checksum, nbytes, content in zip(cols["name"], cols["checksum"], cols["nbytes"], cols["content"]):
+            rec = layout.get(name) or ShardRecord(name, "", 0, 0)  # not in the layout: verify names it
+            shards.append(ShardRecord(name, rec.split, rec.start, rec.count, checksum, nbytes, content))
+        d["layout"], d["shards"] = layout, tuple(shards)
+        d["tags"] = {name: tag for name, tag in zip(cols["name"], cols.get("tag", ())) if tag}
         return Manifest(**d)
 
     def identity(self) -> dict:
         """A short hash of each section that defines the store, recorded in every shard's commit record so an
-        edited manifest is caught (the committed shards list and code version are not part of it)."""
+        edited manifest is caught (the committed shards list and code version are not part of it). Computed once
+        per manifest (it is frozen) from the layout's spec: O(1) for a derived layout, whatever the shard count."""
+        return dict(self._identity)
+
+    @cached_property
+    def _identity(self) -> dict:
         import hashlib
 
         sections = {"kind": self.kind, "backend": self.backend, "fingerprints": self.fingerprints,
-                    "params": self.params, "layout": [(s.name, s.split, s.start, s.count) for s in self.layout]}
+                    "params": self.params, "layout": self.layout.spec()}
         return {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in sections.items()}
 
     def fingerprint(self) -> str:
