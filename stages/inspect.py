@@ -74,8 +74,8 @@ def describe(path: Path, max_shards: int = 8) -> dict:
         store = Store(store.path, replace(store.manifest, shards=shards))  # a read-only view: nothing is written
     m = store.manifest
     seq_len = m.params["seq_len"]
-    sequences = sum(r.count for r in m.shards)
-    expected = sum(r.count for r in m.layout)
+    sequences = m.shards.sequences()  # O(splits), not a record per shard
+    expected = m.layout.sequences()
     # committed shards' data files as their commit records measured them: no file is walked (at 10^5 shards a walk
     # costs tens of seconds)
     on_disk = m.nbytes()
@@ -98,7 +98,7 @@ def describe(path: Path, max_shards: int = 8) -> dict:
                 temperature=m.params.get("temperature"), seed=m.params.get("seed"), teacher=m.params.get("teacher"))
     if not m.shards:  # nothing committed yet: nothing to measure
         return info
-    shards = sorted(m.shards, key=lambda r: (r.split, r.start))
+    shards = m.shards  # in layout order; only the picked ones are built
     picks = np.unique(np.linspace(0, len(shards) - 1, min(max_shards, len(shards))).astype(int))
     covered, entropy, entries, lower, upper = [], [], [], [], []
     for i in picks:

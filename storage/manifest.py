@@ -54,10 +54,10 @@ class Layout(Sequence):
     The spec is canonical (empty splits dropped, shard_sequences capped at the largest split), so equal layouts have
     equal specs and equal identities."""
 
-    __slots__ = ("splits", "shard_sequences", "_records", "_offsets", "_by_name")
+    __slots__ = ("splits", "shard_sequences", "_records", "_offsets", "_by_name", "_positions")
 
     def __init__(self, splits=(), shard_sequences: int = 1, records: tuple | None = None):
-        self._by_name = None
+        self._by_name = self._positions = None
         if records is not None:
             self.splits, self.shard_sequences, self._records = None, None, tuple(records)
             self._offsets = None
@@ -140,6 +140,22 @@ class Layout(Sequence):
                 return ShardRecord(name=name, split=split, start=start, count=min(self.shard_sequences, n - start))
         return None
 
+    def sequences(self) -> int:
+        """How many sequences the layout covers."""
+        return sum(n for _, n in self.splits) if self.derived else sum(r.count for r in self)
+
+    def position(self, name: str) -> int:
+        """Where shard `name` sits in the layout (0-based; len(self) for a name not in it): O(1)."""
+        if self._records is not None:
+            if self._positions is None:
+                self._positions = {r.name: i for i, r in enumerate(self._records)}
+            return self._positions.get(name, len(self))
+        split, _, number = name.rpartition("-")
+        for j, (s, _n) in enumerate(self.splits):
+            if s == split and self.get(name) is not None:
+                return self._offsets[0][j] + int(number)
+        return len(self)
+
     def __contains__(self, item) -> bool:
         if isinstance(item, str):
             return self.get(item) is not None
@@ -172,6 +188,90 @@ class Layout(Sequence):
         return f"Layout({self.spec() if self.derived else len(self)})"
 
 
+COLUMNS = ("name", "checksum", "nbytes", "content")
+
+
+class Shards(Sequence):
+    """The committed shards, held as columns (name, checksum, nbytes, content) as the manifest stores them: a
+    ShardRecord is built only when asked for (its split, start and count from the layout), so opening a store of
+    10^5 shards builds none, and a lookup by name is O(1) after one index of the names."""
+
+    __slots__ = ("cols", "layout", "_index")
+
+    def __init__(self, cols: dict, layout: "Layout"):
+        self.cols, self.layout, self._index = cols, layout, None
+
+    @staticmethod
+    def of(records, layout: "Layout") -> "Shards":
+        if isinstance(records, Shards):
+            return records if records.layout is layout else Shards(records.cols, layout)
+        records = tuple(records)
+        return Shards({"name": [r.name for r in records], "checksum": [r.checksum for r in records],
+                       "nbytes": [r.nbytes for r in records], "content": [r.content for r in records]}, layout)
+
+    def __len__(self) -> int:
+        return len(self.cols["name"])
+
+    def _record(self, i: int) -> ShardRecord:
+        c = self.cols
+        name = c["name"][i]
+        rec = self.layout.get(name) or ShardRecord(name, "", 0, 0)  # not in the layout: verify names it
+        return ShardRecord(name, rec.split, rec.start, rec.count, c["checksum"][i], c["nbytes"][i], c["content"][i])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self._record(j) for j in range(*i.indices(len(self))))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError("shard index out of range")
+        return self._record(i)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self._record(i)
+
+    def names(self) -> list[str]:
+        return self.cols["name"]
+
+    def sequences(self) -> int:
+        """How many sequences the committed shards hold: O(splits) for a derived layout (every shard holds
+        shard_sequences but a split's last), one record per shard otherwise."""
+        layout = self.layout
+        if not layout.derived:
+            return sum(r.count for r in self)
+        total = len(self) * layout.shard_sequences
+        for split, n in layout.splits:
+            last = (n - 1) // layout.shard_sequences
+            if self.get(f"{split}-{last:05d}") is not None:
+                total -= (last + 1) * layout.shard_sequences - n
+        return total
+
+    def get(self, name: str) -> ShardRecord | None:
+        if self._index is None:
+            self._index = {n: i for i, n in enumerate(self.cols["name"])}
+        i = self._index.get(name)
+        return None if i is None else self._record(i)
+
+    def nbytes(self) -> int:
+        return sum(self.cols["nbytes"])
+
+    def __add__(self, other):
+        return tuple(self) + tuple(other)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Shards):
+            return self.cols == other.cols
+        if isinstance(other, (tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Shards({len(self)} committed)"
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What a store holds.
@@ -193,15 +293,11 @@ class Manifest:
     shards: tuple[ShardRecord, ...] = ()
     format_version: int = FORMAT_VERSION
     code_version: str = field(default_factory=code_version)
-    # shard name -> what a listing of the shards folder said about the shard when its record was gathered (local:
-    # the folder's inode and ctime; an object store would give the commit record's ETag): a refresh rereads the
-    # commit record only of a shard whose tag changed. A hint, not part of what the store is (not compared).
-    tags: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.layout, Layout):
             object.__setattr__(self, "layout", Layout.of(self.layout))
-        object.__setattr__(self, "shards", tuple(self.shards))
+        object.__setattr__(self, "shards", Shards.of(self.shards, self.layout))
 
     @property
     def complete(self) -> bool:
@@ -217,7 +313,7 @@ class Manifest:
 
     def shard(self, name: str) -> ShardRecord | None:
         """The committed shard called `name` (None if it is not committed)."""
-        return self._shards_by_name.get(name)
+        return self.shards.get(name)
 
     def find(self, split: str, index: int) -> ShardRecord | None:
         """The committed shard of `split` that holds sequence `index` (None if none does)."""
@@ -229,16 +325,12 @@ class Manifest:
 
     # lookups built once per manifest (it is frozen): a reader looks shards up per sequence
     @cached_property
-    def _shards_by_name(self) -> dict[str, ShardRecord]:
-        return {s.name: s for s in self.shards}
-
-    @cached_property
     def _split_starts(self) -> dict[str, tuple[list[int], list[ShardRecord]]]:
         return {split: ([r.start for r in records], records) for split, records in self.splits().items()}
 
     def nbytes(self) -> int:
         """Bytes of the committed shards' data files, as recorded when each was committed (no file is looked at)."""
-        return sum(s.nbytes for s in self.shards)
+        return self.shards.nbytes()
 
     def to_dict(self) -> dict:
         """The JSON form: the layout as its spec, the committed shards as columns (one list per field, in layout
@@ -246,9 +338,7 @@ class Manifest:
         d = {"kind": self.kind, "backend": self.backend, "fingerprints": self.fingerprints, "params": self.params,
              "format_version": self.format_version, "code_version": self.code_version}
         d["layout"] = self.layout.spec()
-        d["shards"] = {"name": [s.name for s in self.shards], "checksum": [s.checksum for s in self.shards],
-                       "nbytes": [s.nbytes for s in self.shards], "content": [s.content for s in self.shards],
-                       "tag": [self.tags.get(s.name, "") for s in self.shards]}
+        d["shards"] = dict(self.shards.cols)
         d["complete"] = self.complete
         d["shards_committed"] = len(self.shards)
         d["nbytes"] = self.nbytes()
@@ -263,13 +353,10 @@ class Manifest:
             raise StoreError(f"store format version {d.get('format_version')} is not supported (this kdcache reads "
                              f"version {FORMAT_VERSION}): delete the store and rerun the stage that wrote it")
         layout = Layout.from_spec(d.get("layout") or {"splits": [], "shard_sequences": 1})
-        cols = d.get("shards") or {"name": [], "checksum": [], "nbytes": [], "content": []}
-        shards = []
-        for name, checksum, nbytes, content in zip(cols["name"], cols["checksum"], cols["nbytes"], cols["content"]):
-            rec = layout.get(name) or ShardRecord(name, "", 0, 0)  # not in the layout: verify names it
-            shards.append(ShardRecord(name, rec.split, rec.start, rec.count, checksum, nbytes, content))
-        d["layout"], d["shards"] = layout, tuple(shards)
-        d["tags"] = {name: tag for name, tag in zip(cols["name"], cols.get("tag", ())) if tag}
+        cols = d.get("shards") or {c: [] for c in COLUMNS}
+        if len({len(cols[c]) for c in COLUMNS}) != 1:
+            raise ValueError("the columns of shards differ in length")
+        d["layout"], d["shards"] = layout, Shards({c: cols[c] for c in COLUMNS}, layout)
         return Manifest(**d)
 
     def identity(self) -> dict:
@@ -292,7 +379,9 @@ class Manifest:
         import hashlib
 
         body = json.dumps([self.kind, self.fingerprints, self.params,
-                           sorted((s.name, s.content or s.checksum) for s in self.shards)], sort_keys=True)
+                           sorted(zip(self.shards.names(), (content or checksum for content, checksum in
+                                  zip(self.shards.cols["content"], self.shards.cols["checksum"]))))],
+                          sort_keys=True)  # from the columns: no record is built
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()[:32]
 
 
@@ -320,7 +409,12 @@ def read_manifest(store_dir: Path) -> Manifest:
     if not path.exists():
         raise StoreError(f"no store at {store_dir}: {MANIFEST_NAME} is missing (run {writer(store_dir)})")
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:  # format 1 listed every shard twice; reading it would cost what 2 avoids
+            raise StoreError(f"store {store_dir} has format version {version}, this kdcache reads version "
+                             f"{FORMAT_VERSION}: delete it and rerun {writer(store_dir)} (or pass --overwrite)")
+        return Manifest.from_dict(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, ValueError, AttributeError) as e:
         raise StoreError(f"{path} is not a valid manifest ({e}): delete the store and rerun {writer(store_dir)}")
 
@@ -330,8 +424,13 @@ def write_manifest(store_dir: Path, manifest: Manifest) -> None:
     path = Path(store_dir) / MANIFEST_NAME
     tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
     try:
+        d = manifest.to_dict()
+        shards = d.pop("shards")
+        # the header indented for people, the shard columns on one line: json's C encoder (indent makes json use its
+        # pure-Python one, ~10x slower on 10^5 shards)
+        text = json.dumps(d, indent=1, sort_keys=True)[:-2] + ',\n "shards": ' + json.dumps(shards, sort_keys=True) + "\n}\n"
         with open(tmp, "w") as f:
-            json.dump(manifest.to_dict(), f, indent=1, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

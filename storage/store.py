@@ -28,8 +28,8 @@ import numpy as np
 from kdcache.storage import _arrow, _zarr
 from kdcache.storage.errors import StoreError
 from kdcache.storage.lock import LOCK_NAME, acquire_writer_lock
-from kdcache.storage.manifest import (MANIFEST_NAME, Layout, Manifest, ShardRecord, read_manifest, write_manifest,
-                                      writer)
+from kdcache.storage.manifest import (COLUMNS, MANIFEST_NAME, Layout, Manifest, ShardRecord, Shards, read_manifest,
+                                      write_manifest, writer)
 
 BACKENDS = {"zarr": _zarr, "arrow": _arrow}
 COMMIT_NAME = "_commit.json"
@@ -188,10 +188,15 @@ class Store:
     @staticmethod
     def _create_locked(path: Path, manifest: Manifest, overwrite: bool) -> "Store":
         if (path / MANIFEST_NAME).exists():
-            existing = read_manifest(path)
+            try:
+                existing = read_manifest(path)
+            except StoreError:  # e.g. a store of an older format: --overwrite replaces it, as it says
+                if not overwrite:
+                    raise
+                existing = None
             for what in ("kind", "backend", "fingerprints", "params", "layout"):
-                old, new = getattr(existing, what), getattr(manifest, what)
-                if old != new and overwrite:
+                old, new = getattr(existing, what, None), getattr(manifest, what)
+                if (existing is None or old != new) and overwrite:
                     for child in path.iterdir():  # everything but the lock we hold
                         if child.name != LOCK_NAME:
                             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -201,7 +206,7 @@ class Store:
                                      f"({_diff(old, new)}): pass --overwrite (make: OVERWRITE=1), delete it, "
                                      "or choose another run folder")
             store = Store(path, existing)
-            store.refresh_manifest()
+            store.refresh_manifest(recheck=True)  # a resumed run trusts nothing the last one left: every record is read
             return store
         (path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         write_manifest(path, manifest)
@@ -277,11 +282,11 @@ class Store:
                                         content=info.get("content", ""))
         return out
 
-    def _listed(self) -> list[str]:
-        """Names of the folders in the shards folder, listed once (temporaries of writers excluded)."""
+    def _listed(self, temporaries: bool = False) -> list[str]:
+        """Names of the folders in the shards folder, listed once (temporaries of writers only if asked for)."""
         try:
             with os.scandir(self.path / SHARDS_DIR) as entries:
-                return [e.name for e in entries if not e.name.startswith(".")]
+                return [e.name for e in entries if temporaries or not e.name.startswith(".")]
         except FileNotFoundError:
             return []
 
@@ -355,34 +360,40 @@ class Store:
         verified = self._verified.get(name)
         return verified[0] if verified else None
 
-    def refresh_manifest(self) -> Manifest:
+    def refresh_manifest(self, recheck: bool = False) -> Manifest:
         """Rewrite the manifest from the shards on disk; drop leftovers of killed writers.
 
-        The shards folder is listed once: a shard the manifest already lists keeps its record (a committed shard is
-        never changed in place: a rewrite is a no-op or an error), a shard it does not list yet is read from its
-        commit record, a listed shard that is gone is dropped. A shard folder replaced since the last refresh (say
-        by a copy from another store) has a new tag (inode, ctime) and so is read again. A refresh costs one listing
-        and a stat per shard plus the new shards, not a commit record per shard."""
-        tags = {}
-        try:
-            with os.scandir(self.path / SHARDS_DIR) as entries:
-                for entry in entries:
-                    if entry.name.startswith(".tmp-"):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    elif not entry.name.startswith("."):
-                        st = entry.stat(follow_symlinks=False)
-                        tags[entry.name] = f"{st.st_ino}-{st.st_ctime_ns}"
-        except FileNotFoundError:
-            pass
+        The shards folder is listed once: a shard the manifest already lists keeps its record, a shard it does not
+        list yet is read from its commit record, a listed shard that is gone is dropped. So the refresh at the end
+        of a run costs one listing plus the shards the run wrote, not a commit record per shard: the listed shards
+        were read by this writer's own `recheck` refresh when it opened the store (Store.create), and its writer
+        lock keeps other writers out; a committed shard is never changed in place (a rewrite is a no-op or an
+        error). With `recheck` every commit record is read again (a folder replaced by hand, say by another
+        store's shard, is caught): once per run, when a writer resumes a store."""
+        present = []
+        for name in self._listed(temporaries=True):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(self.path / SHARDS_DIR / name, ignore_errors=True)
+            elif not name.startswith("."):
+                present.append(name)
         for leftover in self.path.glob(f".{MANIFEST_NAME}.*.tmp"):  # a manifest write killed before its rename
             leftover.unlink(missing_ok=True)
-        old_tags = self.manifest.tags
-        kept = [s for s in self.manifest.shards if s.name in tags and old_tags.get(s.name) == tags[s.name]]
-        known = {s.name for s in kept}
-        fresh = self.committed([name for name in tags if name not in known])
-        order = _layout_order(self.manifest.layout)
-        shards = tuple(sorted(kept + list(fresh.values()), key=order))
-        self.manifest = replace(self.manifest, shards=shards, tags={s.name: tags[s.name] for s in shards})
+        # at the level of the manifest's columns: no ShardRecord is built for the shards already listed
+        old, layout = self.manifest.shards, self.manifest.layout
+        names = [] if recheck else old.names()
+        on_disk = set(present)
+        keep = [i for i, name in enumerate(names) if name in on_disk]
+        known = {names[i] for i in keep}
+        fresh = self.committed([name for name in present if name not in known])
+        if len(keep) == len(names) and not fresh:
+            shards = old
+        else:
+            rows = [tuple(old.cols[c][i] for c in COLUMNS) for i in keep]
+            rows += [(r.name, r.checksum, r.nbytes, r.content) for r in fresh.values()]
+            if fresh:  # in layout order
+                rows.sort(key=lambda row: layout.position(row[0]))
+            shards = Shards({c: [row[j] for row in rows] for j, c in enumerate(COLUMNS)}, layout)
+        self.manifest = replace(self.manifest, shards=shards)
         write_manifest(self.path, self.manifest)
         return self.manifest
 
@@ -402,18 +413,6 @@ def _damaged_file(shard: Path, files: dict[str, bytes]) -> str:
             state = "is missing" if name not in actual else "is unexpected" if name not in recorded else "differs"
             return f"file {name} {state}, "
     return ""
-
-
-def _layout_order(layout: Layout):
-    """A sort key putting shard records in layout order (splits in their order, then by start) without
-    enumerating the layout."""
-    if layout.derived:
-        rank = {split: i for i, (split, _) in enumerate(layout.splits)}
-    else:
-        rank = {}
-        for r in layout:
-            rank.setdefault(r.split, len(rank))
-    return lambda r: (rank.get(r.split, len(rank)), r.start, r.name)
 
 
 def _unstarted(path: Path) -> bool:
