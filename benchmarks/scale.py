@@ -24,6 +24,7 @@ refresh_manifest gathers them (the cold refresh, reading every commit record onc
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -64,11 +65,18 @@ def _replicate(store: Store, names, arrays: dict) -> None:
     template = store.shard_dir(first)
     commit = json.loads((template / COMMIT_NAME).read_text())
     files = [p.relative_to(template) for p in template.rglob("*") if p.is_file() and p.name != COMMIT_NAME]
+    sources = {rel: template / rel for rel in files}
     for name in names[1:]:
         folder = store.shard_dir(name)
         for rel in files:
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.link(template / rel, folder / rel)
+            try:
+                os.link(sources[rel], folder / rel)
+            except OSError as e:  # a file system's limit of links per file (ext4: 65,000): a copy links on
+                if e.errno != errno.EMLINK:
+                    raise
+                shutil.copyfile(sources[rel], folder / rel)
+                sources[rel] = folder / rel
         (folder / COMMIT_NAME).write_text(json.dumps({**commit, "name": name}, indent=1, sort_keys=True))
 
 

@@ -42,7 +42,7 @@ def _worker_store(path: str) -> Store:
     stat per store, not a parse of a manifest that grows with the shard count (quadratic over a run)."""
     manifest = Path(path) / MANIFEST_NAME
     st = os.stat(manifest)
-    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
     cached = _STORES.get(path)
     if cached is None or cached[0] != key:
         cached = _STORES[path] = (key, Store(Path(path), read_manifest(Path(path))))
@@ -246,6 +246,9 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
     tokenizer (checked before any task runs)."""
     pc = cfg.precompute
     scheduler = scheduler or pc.scheduler
+    # the sync scheduler runs the tasks in this process: what an earlier run here cached must not outlive it (a
+    # store recreated at the same path could even reuse the manifest's inode within one mtime tick)
+    _STORES.clear()
     tokens = Store.open(cfg.tokens_dir)
     manifests = [signal_manifest(cfg, tokens, name, spec) for name, spec in sources]  # refuses a mismatch first
     # each store holds its writer lock until close()

@@ -211,12 +211,13 @@ def verify_store(path: str | Path, track=None) -> tuple[list[str], int]:
     if manifest.backend not in BACKENDS:
         return problems, 0
     store = Store(path, manifest)
-    committed = {s.name: s for s in manifest.shards}
     checked = 0
     shards = manifest.layout if track is None else track(manifest.layout, len(manifest.layout), "verify", "shard")
     for rec in shards:
         try:
-            problems += _shard_problems(store, rec, committed.get(rec.name))
+            # one shard at a time: the layout and the committed list build a record only when asked (constant memory
+            # beyond the manifest's columns)
+            problems += _shard_problems(store, rec, manifest.shard(rec.name))
         except StoreError as e:
             problems.append(f"{path / MANIFEST_NAME}: {e}")
         checked += 1
