@@ -11,7 +11,7 @@ KD_SKIP_GOALS = install test test-fast bench bench-% experiment-% demo demo-assi
 .DEFAULT_GOAL := help
 include $(dir $(lastword $(MAKEFILE_LIST)))pipeline/stages.mk
 
-.PHONY: install test test-fast demo docs bench-cache bench-store experiment-objectives bench experiment-committee demo-assistant experiment-assistant
+.PHONY: install test test-fast demo docs bench-cache bench-store bench-scale experiment-objectives bench experiment-committee demo-assistant experiment-assistant
 
 $(STAMP): pyproject.toml
 	@# the CPU build of torch first, unless a torch (e.g. a CUDA build) is already installed
@@ -62,3 +62,6 @@ docs:  ## regenerate the README's CLI reference from the CLI's help texts
 
 bench-cache: $(STAMP)  ## benchmark the signal kinds on the default teacher (runs/bench/cache.json + .md, ~20 min)
 	OMP_NUM_THREADS=2 $(PYTHON) -m benchmarks.cache
+
+bench-scale: $(STAMP)  ## store overhead vs shard count: synthetic stores of 10^3/10^4/10^5 shards (runs/bench-scale, ~10 min)
+	$(PYTHON) -m benchmarks.scale --out runs/bench-scale

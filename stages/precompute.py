@@ -30,9 +30,23 @@ from kdcache.stages.runtime import pick_device
 from kdcache.stages.signals import concat_signals, extract_signal, shard_generator
 from kdcache.storage import Manifest, Store, encode_signal
 from kdcache.storage.codecs import sample_draws
-from kdcache.storage.manifest import read_manifest
+from kdcache.storage.manifest import MANIFEST_NAME, read_manifest
 
 _TEACHERS: dict = {}  # per worker process: teacher spec -> model, so each worker loads a source once
+_STORES: dict = {}    # per worker process: store path -> (manifest file's stat, Store), see _worker_store
+
+
+def _worker_store(path: str) -> Store:
+    """The store at `path` as this worker last read it: its manifest is parsed once per worker, and again only when
+    the file was replaced (a manifest is rewritten by rename, so a new one has a new inode). A task then pays one
+    stat per store, not a parse of a manifest that grows with the shard count (quadratic over a run)."""
+    manifest = Path(path) / MANIFEST_NAME
+    st = os.stat(manifest)
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+    cached = _STORES.get(path)
+    if cached is None or cached[0] != key:
+        cached = _STORES[path] = (key, Store(Path(path), read_manifest(Path(path))))
+    return cached[1]
 
 
 def _worker_teacher(spec: str, threads: int | None, trust_remote_code: bool = False):
@@ -47,10 +61,9 @@ def precompute_shard(token_dir: str, signal_dir: str, name: str, teacher: str, b
                      threads: int | None = None, trust_remote_code: bool = False) -> dict:
     """One task: the teacher's signal for one token shard, committed into the signal store. What is cached
     (kind, k, N, value encoding, seed) is read from the store's manifest params."""
-    signals = Store(Path(signal_dir), read_manifest(Path(signal_dir)))
-    tokens = Store(Path(token_dir), read_manifest(Path(token_dir)))
-    n_tokens = next(r.count for r in tokens.manifest.layout if r.name == name) * tokens.manifest.params["seq_len"]
-    if signals.committed([name]):
+    signals, tokens = _worker_store(signal_dir), _worker_store(token_dir)
+    n_tokens = tokens.manifest.layout.get(name).count * tokens.manifest.params["seq_len"]
+    if signals.committed([name]):  # one commit record looked at
         return {"name": name, "tokens": n_tokens, "skipped": True, "seconds": 0.0}
     start = time.perf_counter()
     model = _worker_teacher(teacher, threads, trust_remote_code)
@@ -233,11 +246,15 @@ def run_sources(cfg: Config, sources: list[tuple[str, str]], scheduler: str | No
     tokenizer (checked before any task runs)."""
     pc = cfg.precompute
     scheduler = scheduler or pc.scheduler
+    # the sync scheduler runs the tasks in this process: what an earlier run here cached must not outlive it (a
+    # store recreated at the same path could even reuse the manifest's inode within one mtime tick)
+    _STORES.clear()
     tokens = Store.open(cfg.tokens_dir)
     manifests = [signal_manifest(cfg, tokens, name, spec) for name, spec in sources]  # refuses a mismatch first
     # each store holds its writer lock until close()
     stores = [Store.create(cfg.signal_dir(name), manifest, overwrite) for (name, _), manifest in zip(sources, manifests)]
-    done = [store.committed() for store in stores]
+    # Store.create refreshed each manifest from the shards on disk: what it lists is what is done
+    done = [{s.name for s in store.manifest.shards} for store in stores]
     todo = [[r for r in store.manifest.layout if r.name not in d] for store, d in zip(stores, done)]
     for (name, spec), store, records in zip(sources, stores, todo):  # a finished store keeps the config that made it
         if records or not (store.path / RECORD_NAME).exists():    # (its manifest's params.teacher names the model)

@@ -306,7 +306,7 @@ def run(cfg: Config, overwrite: bool = False) -> Store:
     )
     store = Store.create(cfg.tokens_dir, manifest, overwrite)  # holds the store's writer lock until close()
     try:
-        done = store.committed()
+        done = {s.name for s in store.manifest.shards}  # Store.create refreshed it from the shards on disk
         todo = [r for r in manifest.layout if r.name not in done]
         if todo or not (cfg.tokens_dir / RECORD_NAME).exists():  # a finished store keeps the config that made it
             record_config(cfg, cfg.tokens_dir, "kdcache prepare: the config this token store was made with")

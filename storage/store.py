@@ -5,6 +5,12 @@ name inside the store, its data files are fsynced and checksummed, a `_commit.js
 and the directory is renamed into place. A shard exists under its final name only when it is complete (a directory rename is atomic). The
 manifest lists the committed shards with their checksums; it is rebuilt from the shards' commit records, so a
 driver killed between a shard's rename and the manifest update loses nothing either.
+
+Cost at scale: committing a shard touches only that shard (its layout record is derived from its name, the
+store's identity is computed once per manifest), and a refresh lists the shards folder once and reads the commit
+records of only the shards the manifest does not list yet. The commit record is the shard's own truth and the
+manifest a gathered index of them, so a store whose shards cannot be renamed into place (object storage) can keep
+the same order: shard objects, then its commit record, the manifest last.
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ import numpy as np
 from kdcache.storage import _arrow, _zarr
 from kdcache.storage.errors import StoreError
 from kdcache.storage.lock import LOCK_NAME, acquire_writer_lock
-from kdcache.storage.manifest import MANIFEST_NAME, Manifest, ShardRecord, read_manifest, write_manifest, writer
+from kdcache.storage.manifest import (COLUMNS, MANIFEST_NAME, Layout, Manifest, ShardRecord, Shards, read_manifest,
+                                      write_manifest, writer)
 
 BACKENDS = {"zarr": _zarr, "arrow": _arrow}
 COMMIT_NAME = "_commit.json"
@@ -181,10 +188,15 @@ class Store:
     @staticmethod
     def _create_locked(path: Path, manifest: Manifest, overwrite: bool) -> "Store":
         if (path / MANIFEST_NAME).exists():
-            existing = read_manifest(path)
+            try:
+                existing = read_manifest(path)
+            except StoreError:  # e.g. a store of an older format: --overwrite replaces it, as it says
+                if not overwrite:
+                    raise
+                existing = None
             for what in ("kind", "backend", "fingerprints", "params", "layout"):
-                old, new = getattr(existing, what), getattr(manifest, what)
-                if old != new and overwrite:
+                old, new = getattr(existing, what, None), getattr(manifest, what)
+                if (existing is None or old != new) and overwrite:
                     for child in path.iterdir():  # everything but the lock we hold
                         if child.name != LOCK_NAME:
                             shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -194,7 +206,7 @@ class Store:
                                      f"({_diff(old, new)}): pass --overwrite (make: OVERWRITE=1), delete it, "
                                      "or choose another run folder")
             store = Store(path, existing)
-            store.refresh_manifest()
+            store.refresh_manifest(recheck=True)  # a resumed run trusts nothing the last one left: every record is read
             return store
         (path / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         write_manifest(path, manifest)
@@ -205,12 +217,12 @@ class Store:
         """Open a store for reading; refuse it when a fingerprint/param differs from `expect`."""
         path = Path(path)
         manifest = read_manifest(path)
+        store = Store(path, manifest)
+        store.check_commit_records()  # first: an edited manifest (its layout, say) is named as such
         if require_complete and not manifest.complete:
-            missing = len(manifest.layout) - len(manifest.shards)
+            missing = len(manifest.layout) - len(manifest.shards)  # O(1): no shard is looked at
             raise StoreError(f"store {path} is incomplete ({missing} of {len(manifest.layout)} shards missing): "
                              f"to finish it, rerun {writer(path, manifest)}")
-        store = Store(path, manifest)
-        store.check_commit_records()
         store.check(expect or {})
         return store
 
@@ -251,9 +263,15 @@ class Store:
 
     def committed(self, names: list[str] | None = None) -> dict[str, ShardRecord]:
         """Shards that are on disk under their final name, from their commit records (of `names` only if given:
-        a task asking about its own shard reads one record, not the whole store's)."""
+        a task asking about its own shard reads one record, not the whole store's; without `names`, the shards
+        folder is listed once and only what is there is read)."""
         out, identity = {}, self.manifest.identity()
-        for rec in self.manifest.layout if names is None else [r for r in self.manifest.layout if r.name in names]:
+        if names is None:
+            names = self._listed()
+        layout = self.manifest.layout
+        for rec in (layout.get(name) for name in names):
+            if rec is None:  # not a shard of this layout (verify names such folders)
+                continue
             commit = self.shard_dir(rec.name) / COMMIT_NAME
             if commit.exists():
                 info = _read_commit(commit, self.writer())
@@ -264,10 +282,19 @@ class Store:
                                         content=info.get("content", ""))
         return out
 
+    def _listed(self, temporaries: bool = False) -> list[str]:
+        """Names of the folders in the shards folder, listed once (temporaries of writers only if asked for)."""
+        try:
+            with os.scandir(self.path / SHARDS_DIR) as entries:
+                return [e.name for e in entries if temporaries or not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+
     def write_shard(self, name: str, arrays: dict[str, np.ndarray]) -> ShardRecord:
-        """Write and commit one shard atomically. Rewriting a committed shard is a no-op if identical."""
-        layout = {r.name: r for r in self.manifest.layout}
-        if name not in layout:
+        """Write and commit one shard atomically. Rewriting a committed shard is a no-op if identical. Touches only
+        this shard: nothing here grows with the store's shard count."""
+        record = self.manifest.layout.get(name)
+        if record is None:
             raise StoreError(f"shard {name!r} is not in the layout of {self.path}")
         final = self.shard_dir(name)
         tmp = final.with_name(f".tmp-{name}-{uuid.uuid4().hex[:8]}")
@@ -298,7 +325,7 @@ class Store:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return replace(layout[name], checksum=checksum, nbytes=nbytes, content=content)
+        return replace(record, checksum=checksum, nbytes=nbytes, content=content)
 
     def read_shard(self, name: str, names: list[str] | None = None, verify: bool = True) -> dict[str, np.ndarray]:
         """Read a committed shard's arrays; with verify, refuse it unless its bytes match the manifest checksum.
@@ -333,20 +360,45 @@ class Store:
         verified = self._verified.get(name)
         return verified[0] if verified else None
 
-    def refresh_manifest(self) -> Manifest:
-        """Rewrite the manifest from the shards on disk; drop leftovers of killed writers."""
-        for leftover in (self.path / SHARDS_DIR).glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    def refresh_manifest(self, recheck: bool = False) -> Manifest:
+        """Rewrite the manifest from the shards on disk; drop leftovers of killed writers.
+
+        The shards folder is listed once: a shard the manifest already lists keeps its record, a shard it does not
+        list yet is read from its commit record, a listed shard that is gone is dropped. So the refresh at the end
+        of a run costs one listing plus the shards the run wrote, not a commit record per shard: the listed shards
+        were read by this writer's own `recheck` refresh when it opened the store (Store.create), and its writer
+        lock keeps other writers out; a committed shard is never changed in place (a rewrite is a no-op or an
+        error). With `recheck` every commit record is read again (a folder replaced by hand, say by another
+        store's shard, is caught): once per run, when a writer resumes a store."""
+        present = []
+        for name in self._listed(temporaries=True):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(self.path / SHARDS_DIR / name, ignore_errors=True)
+            elif not name.startswith("."):
+                present.append(name)
         for leftover in self.path.glob(f".{MANIFEST_NAME}.*.tmp"):  # a manifest write killed before its rename
             leftover.unlink(missing_ok=True)
-        committed = self.committed()
-        shards = tuple(committed[r.name] for r in self.manifest.layout if r.name in committed)
+        # at the level of the manifest's columns: no ShardRecord is built for the shards already listed
+        old, layout = self.manifest.shards, self.manifest.layout
+        names = [] if recheck else old.names()
+        on_disk = set(present)
+        keep = [i for i, name in enumerate(names) if name in on_disk]
+        known = {names[i] for i in keep}
+        fresh = self.committed([name for name in present if name not in known])
+        if len(keep) == len(names) and not fresh:
+            shards = old
+        else:
+            rows = [tuple(old.cols[c][i] for c in COLUMNS) for i in keep]
+            rows += [(r.name, r.checksum, r.nbytes, r.content) for r in fresh.values()]
+            if fresh:  # in layout order
+                rows.sort(key=lambda row: layout.position(row[0]))
+            shards = Shards({c: [row[j] for row in rows] for j, c in enumerate(COLUMNS)}, layout)
         self.manifest = replace(self.manifest, shards=shards)
         write_manifest(self.path, self.manifest)
         return self.manifest
 
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.manifest.shards)
+        return self.manifest.nbytes()
 
 
 def _damaged_file(shard: Path, files: dict[str, bytes]) -> str:
@@ -382,11 +434,7 @@ def _diff(old, new) -> str:
     return f"{str(old)[:60]} vs {str(new)[:60]}"
 
 
-def make_layout(split_sizes: dict[str, int], shard_sequences: int) -> tuple[ShardRecord, ...]:
-    """Cut each split into shards of `shard_sequences` sequences, named like `train-00003`."""
-    layout = []
-    for split, n in split_sizes.items():
-        for i, start in enumerate(range(0, n, shard_sequences)):
-            layout.append(ShardRecord(name=f"{split}-{i:05d}", split=split, start=start,
-                                      count=min(shard_sequences, n - start)))
-    return tuple(layout)
+def make_layout(split_sizes: dict[str, int], shard_sequences: int) -> Layout:
+    """Cut each split into shards of `shard_sequences` sequences, named like `train-00003`: a derived Layout (a
+    sequence of ShardRecord built on demand; the manifest stores only the split sizes and shard_sequences)."""
+    return Layout(tuple(split_sizes.items()), shard_sequences)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,18 +31,20 @@ def manifest_problems(m: Manifest, raw: dict) -> list[str]:
         out.append(f"{where}: kind {m.kind!r} is not tokens or signals")
     if m.backend not in BACKENDS:
         out.append(f"{where}: backend {m.backend!r} is not one of {', '.join(sorted(BACKENDS))}")
-    names = [r.name for r in m.layout]
-    if len(set(names)) != len(names):
-        out.append(f"{where}: the layout lists a shard twice")
-    layout = {r.name: r for r in m.layout}
+    # a derived layout (split sizes + shard_sequences) has no duplicate, gap or overlap by construction: only a
+    # listed one is checked record by record
+    if not m.layout.derived:
+        names = [r.name for r in m.layout]
+        if len(set(names)) != len(names):
+            out.append(f"{where}: the layout lists a shard twice")
     for s in m.shards:
-        want = layout.get(s.name)
+        want = m.layout.get(s.name)
         if want is None:
             out.append(f"{where}: committed shard {s.name} is not in the layout")
         elif (s.split, s.start, s.count) != (want.split, want.start, want.count):
             out.append(f"{where}: shard {s.name} covers {s.split}[{s.start}:{s.start + s.count}] but the layout says "
                        f"{want.split}[{want.start}:{want.start + want.count}]")
-    for split in sorted({r.split for r in m.layout}):
+    for split in [] if m.layout.derived else sorted({r.split for r in m.layout}):
         ranges = sorted((r.start, r.count) for r in m.layout if r.split == split)
         position = 0
         for start, count in ranges:
@@ -208,25 +211,29 @@ def verify_store(path: str | Path, track=None) -> tuple[list[str], int]:
     if manifest.backend not in BACKENDS:
         return problems, 0
     store = Store(path, manifest)
-    committed = {s.name: s for s in manifest.shards}
     checked = 0
     shards = manifest.layout if track is None else track(manifest.layout, len(manifest.layout), "verify", "shard")
     for rec in shards:
         try:
-            problems += _shard_problems(store, rec, committed.get(rec.name))
+            # one shard at a time: the layout and the committed list build a record only when asked (constant memory
+            # beyond the manifest's columns)
+            problems += _shard_problems(store, rec, manifest.shard(rec.name))
         except StoreError as e:
             problems.append(f"{path / MANIFEST_NAME}: {e}")
         checked += 1
-    layout = {r.name for r in manifest.layout}
     shards_dir = path / SHARDS_DIR
     if not shards_dir.is_dir():
         problems.append(f"{shards_dir}: missing")
-    else:
-        for entry in sorted(shards_dir.iterdir()):
-            if entry.name.startswith(".tmp-"):
-                problems.append(f"{entry}: leftover of a killed writer (the next run of the stage removes it)")
-            elif entry.name not in layout:
-                problems.append(f"{entry}: not a shard of this store's layout")
+    else:  # streamed: the folder's entries are looked up in the layout one by one (no set of 10^5 names)
+        strays = []
+        with os.scandir(shards_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(".tmp-"):
+                    strays.append(f"{shards_dir / entry.name}: leftover of a killed writer (the next run of the stage "
+                                  "removes it)")
+                elif manifest.layout.get(entry.name) is None:
+                    strays.append(f"{shards_dir / entry.name}: not a shard of this store's layout")
+        problems += sorted(strays)
     for entry in sorted(path.iterdir()):
         # the lock file stays after its writer; config.yaml is the config the writing stage recorded beside it
         if entry.name not in (MANIFEST_NAME, SHARDS_DIR, LOCK_NAME, RECORDED_CONFIG):

@@ -38,7 +38,7 @@ def _assert_consistent(store_dir, n_committed):
     manifest = json.loads((store_dir / "manifest.json").read_text())
     on_disk = sorted(p.name for p in (store_dir / "shards").iterdir())
     assert not [n for n in on_disk if n.startswith(".")], on_disk          # no partial shard left
-    assert [s["name"] for s in manifest["shards"]] == on_disk              # the manifest lists what is committed
+    assert manifest["shards"]["name"] == on_disk              # the manifest lists what is committed
     assert len(on_disk) == n_committed
     assert not list(store_dir.glob(".manifest.json.*"))
 

@@ -75,7 +75,7 @@ def test_verify_reports_every_problem_in_one_run(tmp_path, backend, capsys):
     manifest_path = tmp_path / "s" / "manifest.json"
     raw = json.loads(manifest_path.read_text())
     raw["params"]["k"] = K + 1                                     # edited: arrays no longer match
-    raw["shards"][3]["checksum"] = "sha256:" + "0" * 64            # edited: disagrees with the commit record
+    raw["shards"]["checksum"][3] = "sha256:" + "0" * 64            # edited: disagrees with the commit record
     manifest_path.write_text(json.dumps(raw))
 
     code = main(["verify", str(tmp_path / "s"), "--json"])
@@ -147,7 +147,9 @@ def test_inspect_every_kind_and_backend(tmp_path, backend, kind, capsys):
     store = _store(tmp_path / "s", kind, backend, "int8" if kind == "hybrid" else "float16")
     assert main(["inspect", str(tmp_path / "s"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    on_disk = sum(p.stat().st_size for p in (tmp_path / "s" / "shards").rglob("*") if p.is_file())
+    # the data files, as their commit records measured them (inspect walks no file; commit records not counted)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "s" / "shards").rglob("*")
+                  if p.is_file() and p.name != "_commit.json")
     assert info["backend"] == backend and info["signal"] == kind and info["positions"] == 7 * SEQ_LEN
     assert info["bytes_per_token"] == pytest.approx(on_disk / (7 * SEQ_LEN))
     decoded = [read_shard(store, r.name) for r in store.manifest.shards]
