@@ -47,6 +47,17 @@ class ShardRecord:
         return ShardRecord(**d)
 
 
+def _lazy_item(seq, i, what: str):
+    """seq[i] (an index or a slice) of a sequence whose records are built on demand by seq._record(i)."""
+    if isinstance(i, slice):
+        return tuple(seq._record(j) for j in range(*i.indices(len(seq))))
+    if i < 0:
+        i += len(seq)
+    if not 0 <= i < len(seq):
+        raise IndexError(f"{what} index out of range")
+    return seq._record(i)
+
+
 class Layout(Sequence):
     """Every shard a store will hold, in order: derived from the split sizes and `shard_sequences` (make_layout's
     cut), so a store of 10^5 shards stores and compares two numbers per split, and a shard is found by its name in
@@ -99,29 +110,25 @@ class Layout(Sequence):
         offsets = self._offsets[0]
         j = bisect_right(offsets, i) - 1
         split, n = self.splits[j]
-        k = i - offsets[j]
+        return self._derived(split, n, i - offsets[j])
+
+    def _derived(self, split: str, n: int, k: int) -> ShardRecord:
+        """Shard k of a split of n sequences, cut every shard_sequences (make_layout's naming)."""
         start = k * self.shard_sequences
         return ShardRecord(name=f"{split}-{k:05d}", split=split, start=start, count=min(self.shard_sequences, n - start))
 
     def __getitem__(self, i):
         if self._records is not None:
             return self._records[i]
-        if isinstance(i, slice):
-            return tuple(self._record(j) for j in range(*i.indices(len(self))))
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError("layout index out of range")
-        return self._record(i)
+        return _lazy_item(self, i, "layout")
 
     def __iter__(self):
         if self._records is not None:
             yield from self._records
             return
         for split, n in self.splits:
-            for k, start in enumerate(range(0, n, self.shard_sequences)):
-                yield ShardRecord(name=f"{split}-{k:05d}", split=split, start=start,
-                                  count=min(self.shard_sequences, n - start))
+            for k in range(-(-n // self.shard_sequences)):
+                yield self._derived(split, n, k)
 
     def get(self, name: str) -> ShardRecord | None:
         """The shard called `name` (None if the layout has none): O(1), parsed from the name when derived."""
@@ -134,10 +141,9 @@ class Layout(Sequence):
             return None
         for j, (s, n) in enumerate(self.splits):
             if s == split:
-                start = int(number) * self.shard_sequences
-                if start >= n:
+                if int(number) * self.shard_sequences >= n:
                     return None
-                return ShardRecord(name=name, split=split, start=start, count=min(self.shard_sequences, n - start))
+                return self._derived(split, n, int(number))
         return None
 
     def sequences(self) -> int:
@@ -219,13 +225,7 @@ class Shards(Sequence):
         return ShardRecord(name, rec.split, rec.start, rec.count, c["checksum"][i], c["nbytes"][i], c["content"][i])
 
     def __getitem__(self, i):
-        if isinstance(i, slice):
-            return tuple(self._record(j) for j in range(*i.indices(len(self))))
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError("shard index out of range")
-        return self._record(i)
+        return _lazy_item(self, i, "shard")
 
     def __iter__(self):
         for i in range(len(self)):
