@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from kdcache.storage.errors import StoreError
+from kdcache.storage.files import atomic_write_text
 
 # 2: the layout is stored as split sizes + shard_sequences (derived, not listed) and the committed shards as
 # columns; version 1 listed a record per shard twice (the layout and the shards), parsed whole by every task
@@ -420,23 +420,17 @@ def read_manifest(store_dir: Path) -> Manifest:
 
 
 def write_manifest(store_dir: Path, manifest: Manifest) -> None:
-    """Atomically replace the manifest (write a temporary file, fsync, rename)."""
+    """Atomically replace the manifest (a temporary file, fsync, rename: storage.files)."""
     path = Path(store_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}.tmp")
+    d = manifest.to_dict()
+    shards = d.pop("shards")
+    # the header indented for people, the shard columns on one line: json's C encoder (indent makes json use its
+    # pure-Python one, ~10x slower on 10^5 shards)
+    text = json.dumps(d, indent=1, sort_keys=True)[:-2] + ',\n "shards": ' + json.dumps(shards, sort_keys=True) + "\n}\n"
     try:
-        d = manifest.to_dict()
-        shards = d.pop("shards")
-        # the header indented for people, the shard columns on one line: json's C encoder (indent makes json use its
-        # pure-Python one, ~10x slower on 10^5 shards)
-        text = json.dumps(d, indent=1, sort_keys=True)[:-2] + ',\n "shards": ' + json.dumps(shards, sort_keys=True) + "\n}\n"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # e.g. disk full: the old manifest stays, no half-written temporary is left
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        atomic_write_text(path, text, fsync=True)
+    except OSError as e:  # e.g. disk full: the old manifest stays, no half-written temporary is left
+        if e.errno == errno.ENOSPC:
             raise StoreError(f"disk full while writing {path}: the previous manifest is intact and the store "
                              "consistent; free space and rerun to resume") from e
         raise

@@ -40,13 +40,13 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_pat
 
 
 def test_single_files_are_replaced_only_through_the_helper():
-    """os.replace (a file over a file) appears only in the helper; storage/manifest.py is being reworked on its
-    own branch and keeps its write for now. Folders renamed into place use os.rename and may stay as they are."""
+    """os.replace (a file over a file) appears only in the helper (a store's manifest too, with fsync). Folders
+    renamed into place use os.rename and may stay as they are."""
     import ast
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    allowed = {"storage/files.py", "storage/manifest.py"}
+    allowed = {"storage/files.py"}
     found = []
     for folder in ("pipeline", "stages", "storage", "benchmarks"):
         for path in sorted((root / folder).rglob("*.py")):
@@ -55,3 +55,20 @@ def test_single_files_are_replaced_only_through_the_helper():
                         isinstance(node.value, ast.Name) and node.value.id == "os":
                     found.append(str(path.relative_to(root)))
     assert set(found) <= allowed, sorted(set(found) - allowed)
+
+
+def test_fsync_on_request_and_for_a_stores_manifest(tmp_path, monkeypatch):
+    import os
+
+    from kdcache.storage.manifest import Manifest, write_manifest
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    atomic_write_text(tmp_path / "plain.txt", "x")
+    assert synced == []                                   # the default: no fsync
+    atomic_write_text(tmp_path / "synced.txt", "x", fsync=True)
+    assert len(synced) == 1
+    write_manifest(tmp_path, Manifest(kind="tokens", backend="zarr"))
+    assert len(synced) == 2 and (tmp_path / "manifest.json").exists()  # a manifest reaches the disk before its rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "plain.txt", "synced.txt"]
